@@ -1,0 +1,106 @@
+"""The contract between the node and a pipeline.
+
+A pipeline takes an in-memory :class:`Study` (pydicom datasets grouped by
+series) and returns derived DICOM objects (SEG, SR) as pydicom datasets. It
+knows nothing of networking, spooling or the index; the node knows nothing of
+models. See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydicom import Dataset
+
+
+class PipelineInputError(ValueError):
+    """The study cannot be processed by this pipeline (wrong modality, missing
+    sequence, unusable pixel data...). A job that raises it fails at once,
+    with this message as its reason, and is not retried."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """The instances a job works on.
+
+    Attributes
+    ----------
+    study_instance_uid:
+        Study Instance UID (0020,000D) shared by every dataset.
+    series:
+        Series Instance UID (0020,000E) -> datasets of that series, pixel data
+        included, sorted by Instance Number where present.
+    """
+
+    study_instance_uid: str
+    series: Mapping[str, Sequence[Dataset]]
+
+    def __post_init__(self) -> None:
+        if not self.series:
+            raise ValueError("Study.series is empty: a study needs at least one series")
+        for series_uid, datasets in self.series.items():
+            if not datasets:
+                raise ValueError(f"Study.series[{series_uid!r}] holds no datasets")
+            for ds in datasets:
+                if ds.get("StudyInstanceUID") != self.study_instance_uid:
+                    raise ValueError(
+                        f"StudyInstanceUID of {ds.get('SOPInstanceUID')} is "
+                        f"{ds.get('StudyInstanceUID')!r}, expected {self.study_instance_uid!r}"
+                    )
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        """Every dataset of the study, series by series."""
+        return [ds for datasets in self.series.values() for ds in datasets]
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """What the node hands a pipeline besides the study.
+
+    Attributes
+    ----------
+    uid_prefix:
+        Organisation UID root for derived objects; ``None`` uses pydicom's.
+        UIDs are derived deterministically from the source UIDs, the pipeline
+        name and the model version, so a re-run replaces the earlier result.
+    device:
+        torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+    log:
+        A structlog logger with the job's ids bound.
+    manufacturer:
+        Written to Manufacturer (0008,0070) of derived objects.
+    timings:
+        Filled by the pipeline: stage name -> wall time in seconds.
+    """
+
+    uid_prefix: str | None = None
+    device: str = "cpu"
+    log: Any = None
+    manufacturer: str = "dicom-ai-node"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """A clinical task the node can run on a complete series or study."""
+
+    #: Registry name, e.g. ``"pneumonia"``; routing rules refer to it.
+    name: str
+    #: ``"series"``: one job per complete series; ``"study"``: per study.
+    level: str
+
+    @property
+    def model_version(self) -> str:
+        """Version of the model in use, written into every derived object."""
+
+    def run(self, study: Study, context: PipelineContext) -> list[Dataset]:
+        """Process ``study`` and return the derived objects (SEG, SR).
+
+        Raises
+        ------
+        PipelineInputError
+            When the input cannot be processed; the job fails without retry.
+        """
