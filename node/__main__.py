@@ -1,0 +1,5 @@
+"""``python -m node`` is ``ainode``."""
+
+from node.cli import app
+
+app()

@@ -1,0 +1,92 @@
+"""Complete: decide when a series has all its instances.
+
+DICOM has no "end of series" message, so every router guesses. Orthanc's
+StableAge, mercure's series_complete_trigger and the MONAI Informatics
+Gateway's idle timeout all wait for silence. This sweep completes a series when
+either of these holds (``[completion]``):
+
+- no instance arrived for ``series_idle_seconds``;
+- ``complete_on_release`` is set and the association that delivered the
+  series' latest instance was released (a sender closes its association once a
+  series is sent, so there is nothing left to wait for).
+
+An association that aborts does not complete anything: the sender may retry.
+The sweep runs every ``sweep_interval_seconds`` (apscheduler) and at once after
+each release. It also deletes unmatched series after their retention time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from node.config import CompletionSection
+from node.index import Index, utcnow
+from node.spool import Spool
+
+
+class CompletionSweep:
+    """Moves idle or released series from ``receiving`` to ``complete``.
+
+    Parameters
+    ----------
+    settings:
+        The ``[completion]`` section.
+    index, spool:
+        State to read and update; the spool for retention clean-up.
+    on_complete:
+        Called with each series UID that became complete (the route step).
+    """
+
+    def __init__(
+        self,
+        settings: CompletionSection,
+        index: Index,
+        spool: Spool,
+        on_complete: Callable[[str], None],
+    ):
+        self.settings = settings
+        self.index = index
+        self.spool = spool
+        self.on_complete = on_complete
+        self.log = structlog.get_logger("node.complete")
+        self._lock = threading.Lock()  # one sweep at a time, scheduled or triggered
+
+    def sweep(self, now: dt.datetime | None = None) -> list[str]:
+        """Complete what is due; returns the series UIDs completed."""
+        now = now or utcnow()
+        done: list[str] = []
+        with self._lock:
+            due = self.index.series_to_complete(now, self.settings.series_idle_seconds, self.settings.complete_on_release)
+            for series_uid in due:
+                info = self.index.series_info(series_uid)
+                if info is None:
+                    continue
+                idle = (now - info.last_received_at).total_seconds()
+                why = "association released" if info.released and idle < self.settings.series_idle_seconds else f"idle {idle:.1f} s"
+                if self.index.set_series_state(series_uid, "complete", why, expect="receiving"):
+                    self.log.info(
+                        "series_complete",
+                        study_uid=info.study_uid,
+                        series_uid=series_uid,
+                        instances=info.instance_count,
+                        reason=why,
+                    )
+                    done.append(series_uid)
+                    try:
+                        self.on_complete(series_uid)
+                    except Exception:
+                        # The series stays 'complete'; routing is retried on restart.
+                        self.log.exception("route_failed", series_uid=series_uid)
+            self._purge_unmatched(now)
+        return done
+
+    def _purge_unmatched(self, now: dt.datetime) -> None:
+        cutoff = now - dt.timedelta(hours=self.settings.unmatched_retention_hours)
+        for series in self.index.series_in_state("unmatched", older_than=cutoff):
+            removed = self.spool.remove_series(series.study_uid, series.series_uid)
+            self.index.purge_series(series.series_uid, f"unmatched for {self.settings.unmatched_retention_hours} h")
+            self.log.info("series_purged", study_uid=series.study_uid, series_uid=series.series_uid, files=removed)

@@ -1,0 +1,705 @@
+"""Index: the SQL record of every instance, series, study, job and delivery.
+
+SQLite in WAL mode by default; any SQLAlchemy PostgreSQL URL works too.
+Every state change of a series, study, job or delivery is also written as a
+row of ``transitions`` in the same transaction, so the history of a study can
+be audited (DESIGN.md, "State, and why nothing is lost").
+
+States::
+
+    series:   receiving -> complete -> queued -> running -> done | failed
+                                    \\-> unmatched -> purged
+    job:      queued -> running -> done | failed      (running -> queued on recovery)
+    delivery: pending -> delivered | failed
+
+SQLite runs with ``synchronous=NORMAL``: a power cut may lose the last
+committed rows but never corrupts the file, and :meth:`Index.missing_paths`
+lets the node re-index spool files whose rows were lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+UID = String(64)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Association(Base):
+    __tablename__ = "associations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # released | aborted
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    series_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_association_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    released: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, ForeignKey("series.series_uid"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    association_id: Mapped[str | None] = mapped_column(String(36))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8))
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    destinations: Mapped[str] = mapped_column(Text)  # comma-separated names
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    trigger_received_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # last instance of its input
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[str | None] = mapped_column(Text)  # JSON: stage -> seconds
+
+
+class Result(Base):
+    __tablename__ = "results"
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "destination", "job_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "delivery_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str | None] = mapped_column(String(32))  # DIMSE status 0xNNNN or HTTP code
+    error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column(Float)
+
+
+class Transition(Base):
+    __tablename__ = "transitions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    entity: Mapped[str] = mapped_column(String(16))  # series | job | delivery
+    entity_id: Mapped[str] = mapped_column(String(64), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receive step learned of an instance, to index it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size: int
+    instance_number: int | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    calling_ae: str | None = None
+    peer_address: str | None = None
+    association_id: str | None = None
+
+    @classmethod
+    def from_header(cls, header, path: Path, size: int, **peer) -> InstanceRecord:
+        """Build a record from a parsed header (:func:`node.spool.read_header`).
+        An Instance Number (0020,0013) that is not an integer is only a sort
+        key, so it is recorded as absent rather than refused."""
+
+        def text(keyword: str, limit: int) -> str | None:
+            return str(header.get(keyword, "") or "")[:limit] or None
+
+        try:
+            number = int(header.get("InstanceNumber"))
+        except (TypeError, ValueError):
+            number = None
+        return cls(
+            sop_instance_uid=header.SOPInstanceUID,
+            sop_class_uid=header.SOPClassUID,
+            series_uid=header.SeriesInstanceUID,
+            study_uid=header.StudyInstanceUID,
+            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+            path=path,
+            size=size,
+            instance_number=number,
+            modality=text("Modality", 16),
+            series_description=text("SeriesDescription", 64),
+            patient_id=text("PatientID", 64),
+            accession_number=text("AccessionNumber", 16),
+            **peer,
+        )
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the runner needs it, detached from any session."""
+
+    id: int
+    pipeline: str
+    route: str
+    level: str
+    study_uid: str
+    series_uid: str | None
+    destinations: tuple[str, ...]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryView:
+    id: int
+    job_id: int
+    sop_instance_uid: str
+    destination: str
+    path: str
+    attempts: int
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL mode and its parent folder."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+class Index:
+    """All reads and writes of the node's SQL state, one transaction a call."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite allows one writer; serialising here avoids busy waits.
+        self._write_lock = threading.RLock() if url.startswith("sqlite") else _NullLock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _transition(self, s: Session, entity: str, entity_id: Any, old: str | None, new: str, reason: str | None = None):
+        s.add(Transition(entity=entity, entity_id=str(entity_id), from_state=old, to_state=new, reason=reason))
+
+    # -- associations -----------------------------------------------------------
+
+    def association_opened(self, assoc_id: str, calling_ae: str, address: str, port: int) -> None:
+        with self._write_lock, self._session.begin() as s:
+            s.add(Association(id=assoc_id, calling_ae=calling_ae, peer_address=address, peer_port=port))
+
+    def association_closed(self, assoc_id: str, outcome: str) -> int:
+        """Record the end of an association. A release marks the series whose
+        latest instance came on it as released; returns how many."""
+        with self._write_lock, self._session.begin() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id, Association.closed_at.is_(None))
+                .values(closed_at=utcnow(), outcome=outcome)
+            )
+            if outcome != "released":
+                return 0
+            res = s.execute(
+                update(Series)
+                .where(Series.last_association_id == assoc_id, Series.state == "receiving")
+                .values(released=True)
+            )
+            return res.rowcount or 0
+
+    # -- instances ----------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self._session() as s:
+            return s.get(Instance, sop_instance_uid) is not None
+
+    def record_instance(self, rec: InstanceRecord) -> bool:
+        """Index a spooled instance; create or reopen its series and study.
+
+        Returns False when the SOP Instance UID was already indexed (a
+        duplicate: stored once, nothing changes).
+        """
+        now = utcnow()
+        with self._write_lock:
+            try:
+                with self._session.begin() as s:
+                    if s.get(Instance, rec.sop_instance_uid) is not None:
+                        return False
+                    study = s.get(Study, rec.study_uid)
+                    if study is None:
+                        s.add(
+                            Study(
+                                study_uid=rec.study_uid,
+                                patient_id=rec.patient_id,
+                                accession_number=(rec.accession_number or None),
+                                first_received_at=now,
+                                last_received_at=now,
+                            )
+                        )
+                    else:
+                        study.last_received_at = now
+                    series = s.get(Series, rec.series_uid)
+                    if series is None:
+                        series = Series(
+                            series_uid=rec.series_uid,
+                            study_uid=rec.study_uid,
+                            modality=rec.modality,
+                            series_description=(rec.series_description or "")[:64],
+                            sop_class_uid=rec.sop_class_uid,
+                            instance_count=0,
+                            first_received_at=now,
+                            state="receiving",
+                            state_changed_at=now,
+                        )
+                        s.add(series)
+                        s.flush()
+                        self._transition(s, "series", rec.series_uid, None, "receiving", "first instance")
+                    elif series.state != "receiving":
+                        # New content for a finished series: process it again.
+                        self._transition(s, "series", rec.series_uid, series.state, "receiving", "new instance")
+                        series.state = "receiving"
+                        series.state_changed_at = now
+                    series.instance_count += 1
+                    series.last_received_at = now
+                    series.last_association_id = rec.association_id
+                    series.released = False
+                    s.add(
+                        Instance(
+                            sop_instance_uid=rec.sop_instance_uid,
+                            series_uid=rec.series_uid,
+                            study_uid=rec.study_uid,
+                            sop_class_uid=rec.sop_class_uid,
+                            transfer_syntax_uid=rec.transfer_syntax_uid,
+                            instance_number=rec.instance_number,
+                            path=str(rec.path),
+                            size=rec.size,
+                            received_at=now,
+                            calling_ae=rec.calling_ae,
+                            peer_address=rec.peer_address,
+                            association_id=rec.association_id,
+                        )
+                    )
+                    if rec.association_id:
+                        s.execute(
+                            update(Association)
+                            .where(Association.id == rec.association_id)
+                            .values(instances=Association.instances + 1)
+                        )
+            except IntegrityError:
+                return False  # a concurrent association stored the same instance
+        return True
+
+    def missing_paths(self, paths: Iterable[Path]) -> list[Path]:
+        """Of ``paths`` (spool files), those with no instance row."""
+        paths = list(paths)
+        with self._session() as s:
+            known = set(s.scalars(select(Instance.path)))
+        return [p for p in paths if str(p) not in known]
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        """A series' files, by Instance Number then SOP Instance UID."""
+        with self._session() as s:
+            rows = s.execute(
+                select(Instance.path, Instance.instance_number, Instance.sop_instance_uid).where(
+                    Instance.series_uid == series_uid
+                )
+            ).all()
+        rows.sort(key=lambda r: (r[1] is None, r[1] or 0, r[2]))
+        return [Path(r[0]) for r in rows]
+
+    # -- series --------------------------------------------------------------------
+
+    def series_to_complete(self, now: dt.datetime, idle_seconds: float, on_release: bool) -> list[str]:
+        """Series in ``receiving`` that are idle long enough, or released."""
+        cutoff = now - dt.timedelta(seconds=idle_seconds)
+        with self._session() as s:
+            q = select(Series.series_uid).where(Series.state == "receiving")
+            cond = Series.last_received_at <= cutoff
+            if on_release:
+                cond = cond | (Series.released.is_(True))
+            return list(s.scalars(q.where(cond)))
+
+    def set_series_state(self, series_uid: str, new: str, reason: str | None = None, *, expect: str | None = None) -> bool:
+        """Move a series to ``new``; with ``expect``, only from that state."""
+        with self._write_lock, self._session.begin() as s:
+            series = s.get(Series, series_uid)
+            if series is None or (expect is not None and series.state != expect):
+                return False
+            if series.state != new:
+                self._transition(s, "series", series_uid, series.state, new, reason)
+                series.state = new
+                series.state_changed_at = utcnow()
+            return True
+
+    def series_info(self, series_uid: str) -> Series | None:
+        with self._session() as s:
+            return s.get(Series, series_uid)
+
+    def series_in_state(self, state: str, older_than: dt.datetime | None = None) -> list[Series]:
+        with self._session() as s:
+            q = select(Series).where(Series.state == state)
+            if older_than is not None:
+                q = q.where(Series.state_changed_at <= older_than)
+            return list(s.scalars(q))
+
+    def purge_series(self, series_uid: str, reason: str) -> None:
+        """Forget a series' instances (their files are removed by the caller)."""
+        with self._write_lock, self._session.begin() as s:
+            series = s.get(Series, series_uid)
+            if series is None:
+                return
+            s.execute(delete(Instance).where(Instance.series_uid == series_uid))
+            self._transition(s, "series", series_uid, series.state, "purged", reason)
+            series.state = "purged"
+            series.state_changed_at = utcnow()
+            series.instance_count = 0
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def create_job(
+        self, *, pipeline: str, route: str, level: str, study_uid: str, series_uid: str | None, destinations: Sequence[str]
+    ) -> int:
+        with self._write_lock, self._session.begin() as s:
+            trigger = s.scalar(
+                select(func.max(Instance.received_at)).where(
+                    Instance.series_uid == series_uid if series_uid else Instance.study_uid == study_uid
+                )
+            )
+            job = Job(
+                pipeline=pipeline,
+                route=route,
+                level=level,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                destinations=",".join(destinations),
+                state="queued",
+                trigger_received_at=trigger,
+            )
+            s.add(job)
+            s.flush()
+            self._transition(s, "job", job.id, None, "queued", f"route {route}")
+            return job.id
+
+    def claim_job(self) -> JobView | None:
+        """Take the oldest queued job and mark it running, or None."""
+        with self._write_lock, self._session.begin() as s:
+            for job_id in s.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(8)):
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "queued")
+                    .values(state="running", started_at=utcnow(), attempts=Job.attempts + 1)
+                )
+                if res.rowcount == 1:
+                    job = s.get(Job, job_id)
+                    self._transition(s, "job", job_id, "queued", "running")
+                    self._sync_series_state(s, job, "running")
+                    return _job_view(job)
+            return None
+
+    def _sync_series_state(self, s: Session, job: Job, state: str) -> None:
+        if job.series_uid is None:
+            return
+        series = s.get(Series, job.series_uid)
+        if series is not None and series.state not in ("receiving", state):
+            self._transition(s, "series", series.series_uid, series.state, state, f"job {job.id}")
+            series.state = state
+            series.state_changed_at = utcnow()
+
+    def finish_job(self, job_id: int, results: Sequence[tuple[Any, Path]], timings: str | None = None) -> None:
+        """Mark a job done and queue each result for each of its destinations,
+        in one transaction. ``results`` holds (dataset, outbox path) pairs."""
+        with self._write_lock, self._session.begin() as s:
+            job = s.get(Job, job_id)
+            for ds, path in results:
+                row = s.get(Result, ds.SOPInstanceUID)
+                if row is None:
+                    s.add(
+                        Result(
+                            sop_instance_uid=ds.SOPInstanceUID,
+                            job_id=job_id,
+                            study_uid=ds.StudyInstanceUID,
+                            series_uid=ds.SeriesInstanceUID,
+                            sop_class_uid=ds.SOPClassUID,
+                            modality=ds.Modality,
+                            path=str(path),
+                        )
+                    )
+                else:  # a re-run of the same input replaces the earlier result
+                    row.job_id = job_id
+                    row.path = str(path)
+                for dest in filter(None, job.destinations.split(",")):
+                    s.add(Delivery(job_id=job_id, sop_instance_uid=ds.SOPInstanceUID, destination=dest, path=str(path)))
+            self._transition(s, "job", job_id, job.state, "done", f"{len(results)} results")
+            job.state = "done"
+            job.finished_at = utcnow()
+            job.timings = timings
+            self._sync_series_state(s, job, "done")
+
+    def fail_job(self, job_id: int, error: str, traceback: str | None = None, timings: str | None = None) -> None:
+        with self._write_lock, self._session.begin() as s:
+            job = s.get(Job, job_id)
+            self._transition(s, "job", job_id, job.state, "failed", error[:500])
+            job.state = "failed"
+            job.finished_at = utcnow()
+            job.error = error
+            job.traceback = traceback
+            job.timings = timings
+            self._sync_series_state(s, job, "failed")
+
+    def recover_jobs(self, max_attempts: int) -> tuple[int, int]:
+        """On start-up: jobs left ``running`` by a dead process go back to
+        ``queued``, or to ``failed`` once they have been tried ``max_attempts``
+        times (a job that kills the node must not kill it forever).
+        Returns (requeued, failed)."""
+        requeued = failed = 0
+        with self._write_lock, self._session.begin() as s:
+            for job in s.scalars(select(Job).where(Job.state == "running")):
+                if job.attempts >= max_attempts:
+                    reason = f"the node stopped during this job {job.attempts} times; giving up"
+                    self._transition(s, "job", job.id, "running", "failed", reason)
+                    job.state, job.error, job.finished_at = "failed", reason, utcnow()
+                    self._sync_series_state(s, job, "failed")
+                    failed += 1
+                else:
+                    self._transition(s, "job", job.id, "running", "queued", "recovered after restart")
+                    job.state = "queued"
+                    self._sync_series_state(s, job, "queued")
+                    requeued += 1
+        return requeued, failed
+
+    def job(self, job_id: int) -> Job | None:
+        with self._session() as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, limit: int = 50, state: str | None = None) -> list[Job]:
+        with self._session() as s:
+            q = select(Job).order_by(Job.id.desc()).limit(limit)
+            if state:
+                q = q.where(Job.state == state)
+            return list(s.scalars(q))
+
+    # -- deliveries --------------------------------------------------------------------
+
+    def due_deliveries(self, destination: str, now: dt.datetime, limit: int = 100) -> list[DeliveryView]:
+        with self._session() as s:
+            rows = s.scalars(
+                select(Delivery)
+                .where(Delivery.destination == destination, Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id)
+                .limit(limit)
+            )
+            return [
+                DeliveryView(d.id, d.job_id, d.sop_instance_uid, d.destination, d.path, d.attempts) for d in rows
+            ]
+
+    def next_delivery_time(self, destination: str) -> dt.datetime | None:
+        with self._session() as s:
+            return s.scalar(
+                select(func.min(Delivery.next_attempt_at)).where(
+                    Delivery.destination == destination, Delivery.state == "pending"
+                )
+            )
+
+    def record_attempt(
+        self,
+        delivery_id: int,
+        *,
+        ok: bool,
+        status: str | None,
+        error: str | None,
+        seconds: float,
+        next_attempt_at: dt.datetime | None,
+    ) -> str:
+        """Record one delivery attempt. ``next_attempt_at=None`` after a
+        failure means the retries are used up. Returns the new state."""
+        with self._write_lock, self._session.begin() as s:
+            d = s.get(Delivery, delivery_id)
+            d.attempts += 1
+            s.add(
+                DeliveryAttempt(delivery_id=delivery_id, attempt=d.attempts, ok=ok, status=status, error=error, seconds=seconds)
+            )
+            if ok:
+                new = "delivered"
+                d.delivered_at = utcnow()
+                d.last_error = None
+            elif next_attempt_at is None:
+                new = "failed"
+                d.last_error = error
+            else:
+                new = "pending"
+                d.last_error = error
+                d.next_attempt_at = next_attempt_at
+            if new != d.state:
+                self._transition(s, "delivery", delivery_id, d.state, new, error)
+                d.state = new
+            return new
+
+    def deliveries(self, limit: int = 50, state: str | None = None) -> list[Delivery]:
+        with self._session() as s:
+            q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+            if state:
+                q = q.where(Delivery.state == state)
+            return list(s.scalars(q))
+
+    def attempts(self, delivery_id: int) -> list[DeliveryAttempt]:
+        with self._session() as s:
+            return list(
+                s.scalars(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id).order_by(DeliveryAttempt.id))
+            )
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per state for series, jobs and deliveries."""
+        out: dict[str, dict[str, int]] = {}
+        with self._session() as s:
+            for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery)):
+                out[name] = {state: n for state, n in s.execute(select(model.state, func.count()).group_by(model.state))}
+            out["instances"] = {"total": s.scalar(select(func.count()).select_from(Instance)) or 0}
+            out["studies"] = {"total": s.scalar(select(func.count()).select_from(Study)) or 0}
+        return out
+
+    def transitions(self, entity: str, entity_id: Any) -> list[Transition]:
+        with self._session() as s:
+            return list(
+                s.scalars(
+                    select(Transition)
+                    .where(Transition.entity == entity, Transition.entity_id == str(entity_id))
+                    .order_by(Transition.id)
+                )
+            )
+
+    def ping(self) -> bool:
+        with self._session() as s:
+            return s.scalar(select(1)) == 1
+
+
+class _NullLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _job_view(job: Job) -> JobView:
+    return JobView(
+        id=job.id,
+        pipeline=job.pipeline,
+        route=job.route,
+        level=job.level,
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        destinations=tuple(filter(None, job.destinations.split(","))),
+        attempts=job.attempts,
+    )

@@ -1,0 +1,193 @@
+"""Run: take queued jobs, run their pipeline, put the results in the outbox.
+
+Workers are threads (``[worker] concurrency``, 1 by default). A job:
+
+1. is claimed (``queued -> running``, attempt counted) in one transaction;
+2. reads its series from the spool into an in-memory :class:`pipelines.base.Study`;
+3. runs the pipeline, whose models are loaded once per process;
+4. writes every result durably to the outbox, then marks the job ``done`` and
+   queues one delivery per result and destination in one transaction.
+
+A crash anywhere before step 4 leaves the job ``running``; on restart the node
+queues it again, and because derived UIDs are deterministic a re-run
+overwrites rather than duplicates. A pipeline exception marks the job
+``failed`` with its traceback, and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import pydicom
+import structlog
+
+from node.config import NodeConfig
+from node.index import Index, JobView
+from node.spool import Spool
+from pipelines import pipeline_class
+from pipelines.base import PipelineContext, PipelineInputError, Study
+
+
+def resolve_device(setting: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PipelineCache:
+    """One instance per pipeline name, built on first use (models load once)."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self._instances: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str):
+        with self._lock:
+            if name not in self._instances:
+                from models.registry import ModelRegistry
+
+                cls = pipeline_class(name)
+                registry = ModelRegistry(self.config.models.card_dirs)
+                settings = getattr(self.config.pipelines, name)
+                self._instances[name] = cls(settings, registry, device=resolve_device(self.config.worker.device))
+            return self._instances[name]
+
+
+def load_study(index: Index, job: JobView) -> Study:
+    """Read a job's input series from the spool, pixel data included."""
+    if job.series_uid is None:
+        raise PipelineInputError("study-level jobs need series roles; none were given")
+    paths = index.instance_paths(job.series_uid)
+    if not paths:
+        raise PipelineInputError(f"series {job.series_uid} has no instances in the spool")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    return Study(study_instance_uid=job.study_uid, series={job.series_uid: datasets})
+
+
+class Runner:
+    """Worker threads that run queued jobs.
+
+    Parameters
+    ----------
+    config, index, spool:
+        The node's configuration and state.
+    metrics:
+        A :class:`node.api.Metrics`, or None.
+    on_results:
+        Called after a job queued deliveries, so dispatch wakes at once.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        index: Index,
+        spool: Spool,
+        *,
+        metrics=None,
+        on_results: Callable[[], None] | None = None,
+    ):
+        self.config = config
+        self.index = index
+        self.spool = spool
+        self.metrics = metrics
+        self.on_results = on_results
+        self.pipelines = PipelineCache(config)
+        self.log = structlog.get_logger("node.run")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self.config.worker.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.config.worker.torch_threads)
+        for i in range(self.config.worker.concurrency):
+            t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.index.claim_job()
+            except Exception:
+                self.log.exception("claim_failed")
+                job = None
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: JobView) -> str:
+        """Run one claimed job to ``done`` or ``failed``; returns the state."""
+        log = self.log.bind(job_id=job.id, pipeline=job.pipeline, study_uid=job.study_uid, series_uid=job.series_uid)
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        log.info("job_started", attempt=job.attempts)
+        try:
+            t = time.perf_counter()
+            pipeline = self.pipelines.get(job.pipeline)
+            timings["load_pipeline"] = time.perf_counter() - t
+            t = time.perf_counter()
+            study = load_study(self.index, job)
+            timings["read_spool"] = time.perf_counter() - t
+            context = PipelineContext(
+                uid_prefix=self.config.node.uid_prefix,
+                device=resolve_device(self.config.worker.device),
+                log=log,
+                timings=timings,
+            )
+            results = pipeline.run(study, context)
+            t = time.perf_counter()
+            stored = [(ds, self.spool.store_result(ds)) for ds in results]
+            timings["write_outbox"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - started
+            self.index.finish_job(job.id, stored, json.dumps(timings))
+        except PipelineInputError as exc:
+            timings["total"] = time.perf_counter() - started
+            log.warning("job_failed", reason=str(exc), timings=timings)
+            self.index.fail_job(job.id, str(exc), None, json.dumps(timings))
+            self._count(job, "failed", timings)
+            return "failed"
+        except Exception as exc:
+            timings["total"] = time.perf_counter() - started
+            tb = traceback.format_exc()
+            log.error("job_failed", reason=repr(exc), traceback=tb, timings=timings)
+            self.index.fail_job(job.id, f"{type(exc).__name__}: {exc}", tb, json.dumps(timings))
+            self._count(job, "failed", timings)
+            return "failed"
+        log.info(
+            "job_done",
+            results=[f"{ds.Modality} {ds.SOPInstanceUID}" for ds, _ in stored],
+            destinations=list(job.destinations),
+            timings={k: round(v, 3) for k, v in timings.items()},
+        )
+        self._count(job, "done", timings)
+        if self.on_results:
+            self.on_results()
+        return "done"
+
+    def _count(self, job: JobView, state: str, timings: dict[str, float]) -> None:
+        if self.metrics:
+            self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()
+            self.metrics.job_seconds.labels(pipeline=job.pipeline).observe(timings.get("total", 0.0))

@@ -1,0 +1,191 @@
+"""The node in one process: receive -> spool/index -> complete -> route -> run -> dispatch.
+
+:class:`Node` builds each step from the one configuration object, recovers
+what a previous process left on disk, and starts the threads:
+
+- the SCP (pynetdicom's server threads);
+- the completion sweep (apscheduler, every ``sweep_interval_seconds`` and at
+  once after each association release);
+- the job workers;
+- one dispatch thread per destination;
+- the HTTP API.
+
+Each step wakes the next directly, so a released association leads to a
+running job within milliseconds, not at the next poll.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.api import ApiServer, Metrics
+from node.complete import CompletionSweep
+from node.config import NodeConfig
+from node.dispatch import Dispatcher
+from node.index import Index, InstanceRecord
+from node.receive import Receiver
+from node.route import Router
+from node.run import Runner
+from node.spool import Spool, read_header
+
+
+class Node:
+    """The whole node. ``start()`` returns once it listens; ``stop()`` ends it."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.log = structlog.get_logger("node.service")
+        st = config.storage
+        self.metrics = Metrics()
+        self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
+        self.index = Index(st.index_url)
+        self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics)
+        self.runner = Runner(config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake)
+        self.router = Router(config.routes, self.index, on_queued=self.runner.wake)
+        self.sweep = CompletionSweep(config.completion, self.index, self.spool, on_complete=self.router.route_series)
+        self.receiver = Receiver(config, self.spool, self.index, metrics=self.metrics, on_release=self.trigger_sweep)
+        self.scheduler = BackgroundScheduler(timezone=dt.UTC)
+        self._sweep_job = None
+        self.api: ApiServer | None = None
+        if config.api.enabled:
+            self.api = ApiServer((config.api.bind_address, config.api.port), self.health, self.status, self.metrics)
+        self._stopped = threading.Event()
+
+    # -- recovery -------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Pick up from what is on disk after a crash or restart.
+
+        - spool files with no index row (the process died between the rename
+          and the commit) are indexed;
+        - jobs left ``running`` are queued again (or failed after
+          ``max_job_attempts``);
+        - series left ``complete`` but never routed are routed;
+        - pending deliveries need nothing: dispatch retries them.
+        """
+        reindexed = 0
+        for path in self.index.missing_paths(self.spool.iter_instances()):
+            try:
+                header = read_header(path)
+                self.index.record_instance(InstanceRecord.from_header(header, path, path.stat().st_size))
+                reindexed += 1
+            except Exception as exc:
+                self.log.error("recover_instance_failed", path=str(path), error=repr(exc))
+        requeued, failed = self.index.recover_jobs(self.config.worker.max_job_attempts)
+        routed = 0
+        for series in self.index.series_in_state("complete"):
+            self.router.route_series(series.series_uid)
+            routed += 1
+        summary = {"reindexed": reindexed, "jobs_requeued": requeued, "jobs_failed": failed, "series_routed": routed}
+        self.log.info("recovered", **summary)
+        return summary
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        self.dispatcher.start()
+        self.runner.start()
+        self._sweep_job = self.scheduler.add_job(
+            self.sweep.sweep,
+            "interval",
+            seconds=self.config.completion.sweep_interval_seconds,
+            id="completion-sweep",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
+        self.receiver.start()
+        if self.api is not None:
+            self.api.start()
+        self.log.info(
+            "node_started",
+            ae_title=self.config.node.ae_title,
+            port=self.receiver.address[1],
+            api_port=self.api.address[1] if self.api else None,
+            routes=[r.name for r in self.config.routes],
+            destinations=list(self.config.destinations),
+            index=self.config.storage.index_url.split("@")[-1],
+        )
+
+    def trigger_sweep(self) -> None:
+        """Run the completion sweep now (after an association release)."""
+        if self._sweep_job is not None and self.scheduler.running:
+            self._sweep_job.modify(next_run_time=dt.datetime.now(dt.UTC))
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.log.info("node_stopping")
+        self.receiver.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.runner.stop()
+        self.dispatcher.stop()
+        if self.api is not None:
+            self.api.stop()
+        self.index.close()
+        self.log.info("node_stopped")
+
+    def serve_forever(self) -> None:
+        """Start, then block until SIGINT or SIGTERM, then stop cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict]:
+        checks = {"scp": self.receiver._server is not None, "scheduler": self.scheduler.running}
+        try:
+            checks["index"] = self.index.ping()
+        except Exception:
+            checks["index"] = False
+        return all(checks.values()), checks
+
+    def status(self) -> dict:
+        return status_report(self.index)
+
+
+def status_report(index: Index, limit: int = 20) -> dict:
+    """Counts by state plus the latest jobs and deliveries, for humans and /status."""
+    return {
+        "counts": index.counts(),
+        "jobs": [
+            {
+                "id": j.id,
+                "pipeline": j.pipeline,
+                "state": j.state,
+                "study_uid": j.study_uid,
+                "series_uid": j.series_uid,
+                "attempts": j.attempts,
+                "created_at": j.created_at,
+                "finished_at": j.finished_at,
+                "error": j.error,
+            }
+            for j in index.jobs(limit)
+        ],
+        "deliveries": [
+            {
+                "id": d.id,
+                "job_id": d.job_id,
+                "destination": d.destination,
+                "sop_instance_uid": d.sop_instance_uid,
+                "state": d.state,
+                "attempts": d.attempts,
+                "delivered_at": d.delivered_at,
+                "last_error": d.last_error,
+            }
+            for d in index.deliveries(limit)
+        ],
+    }
+

@@ -1,0 +1,208 @@
+"""Spool: durable files for received instances, refused instances and results.
+
+Layout (DESIGN.md, "State, and why nothing is lost")::
+
+    spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm     received instances
+    quarantine/<time>-<id>.dcm + .json                     refused instances and why
+    outbox/<StudyUID>/<SOPInstanceUID>.dcm                 derived objects to deliver
+
+Every file is written to a temporary name, fsynced, renamed into place and its
+directory fsynced, so a file under its final name is always complete, even
+after a power cut. Only then does the caller index it and answer the peer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+
+# UIDs become path components: digits and dots only keeps '..' and '/' out.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_safe_uid(value: object) -> bool:
+    """True when ``value`` is a UID (PS3.5 9.1) usable as a file name: digits
+    and dots, at most 64 characters. Leading zeros, invalid in the standard but
+    seen in the wild, are accepted."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path, fsync: bool) -> None:
+    """Create ``path`` and its missing parents, fsyncing each parent whose
+    entry list changed so the new directory survives a power cut."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if fsync:
+            _fsync_dir(d.parent)
+
+
+def write_durable(path: Path, data: bytes | Dataset, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+
+    ``data`` is either encoded bytes (a DICOM file as received) or a pydicom
+    Dataset, saved in the DICOM File Format (PS3.10 7).
+
+    Raises
+    ------
+    OSError
+        The disk is full or not writable; nothing is left under ``path``.
+    """
+    _makedirs_durable(path.parent, fsync)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if isinstance(data, Dataset):
+                data.save_as(fh, enforce_file_format=True)
+            else:
+                fh.write(data)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+    return path
+
+
+class Spool:
+    """The node's files on disk.
+
+    Parameters
+    ----------
+    spool_dir, quarantine_dir, outbox_dir:
+        Directories, created when missing.
+    fsync:
+        Make each write durable before returning (default). Turning it off
+        trades crash safety for speed and is meant for benchmarks only.
+    """
+
+    def __init__(self, spool_dir: Path, quarantine_dir: Path, outbox_dir: Path, *, fsync: bool = True):
+        self.spool_dir = Path(spool_dir)
+        self.quarantine_dir = Path(quarantine_dir)
+        self.outbox_dir = Path(outbox_dir)
+        self.fsync = fsync
+        for d in (self.spool_dir, self.quarantine_dir, self.outbox_dir):
+            _makedirs_durable(d.resolve(), fsync)
+
+    # -- received instances -------------------------------------------------
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives.
+
+        Raises
+        ------
+        ValueError
+            A UID is not digits and dots (it would escape the spool).
+        """
+        for name, uid in (
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+            ("SOPInstanceUID", sop_instance_uid),
+        ):
+            if not is_safe_uid(uid):
+                raise ValueError(f"{name} {uid!r} is not a valid UID")
+        return self.spool_dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str, encoded: bytes) -> Path:
+        """Write a received instance, as the peer encoded it, durably.
+
+        ``encoded`` is the whole DICOM file: preamble, file meta, dataset.
+        """
+        return write_durable(self.instance_path(study_uid, series_uid, sop_instance_uid), encoded, fsync=self.fsync)
+
+    def iter_instances(self) -> Iterator[Path]:
+        """Every instance file in the spool, for recovery after a crash."""
+        for study in sorted(self.spool_dir.iterdir()):
+            if not study.is_dir():
+                continue
+            for series in sorted(study.iterdir()):
+                if series.is_dir():
+                    yield from sorted(series.glob("*.dcm"))
+
+    def remove_series(self, study_uid: str, series_uid: str) -> int:
+        """Delete a series' files; returns how many were removed."""
+        d = self.spool_dir / study_uid / series_uid
+        if not (is_safe_uid(study_uid) and is_safe_uid(series_uid)) or not d.is_dir():
+            return 0
+        n = sum(1 for _ in d.glob("*.dcm"))
+        shutil.rmtree(d)
+        try:
+            d.parent.rmdir()  # the study folder, once its last series is gone
+        except OSError:
+            pass
+        return n
+
+    # -- refused instances ----------------------------------------------------
+
+    def quarantine(self, encoded: bytes, reason: str, details: dict) -> Path:
+        """Keep a refused instance aside with the reason, for an administrator.
+
+        Writes ``<time>-<id>.dcm`` (the bytes as received) and ``.json``
+        (reason, DIMSE status, peer, time). Returns the ``.dcm`` path.
+        """
+        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
+        dcm = write_durable(self.quarantine_dir / f"{stem}.dcm", encoded, fsync=self.fsync)
+        info = {"reason": reason, "quarantined_at": time.time(), **details}
+        write_durable(
+            self.quarantine_dir / f"{stem}.json",
+            json.dumps(info, indent=2, default=str).encode(),
+            fsync=self.fsync,
+        )
+        return dcm
+
+    # -- results ----------------------------------------------------------------
+
+    def outbox_path(self, study_uid: str, sop_instance_uid: str) -> Path:
+        if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
+            raise ValueError(f"result UIDs {study_uid!r}/{sop_instance_uid!r} are not valid UIDs")
+        return self.outbox_dir / study_uid / f"{sop_instance_uid}.dcm"
+
+    def store_result(self, ds: Dataset) -> Path:
+        """Write a derived object (SEG, SR) to the outbox before any send."""
+        return write_durable(self.outbox_path(ds.StudyInstanceUID, ds.SOPInstanceUID), ds, fsync=self.fsync)
+
+
+def read_header(source: Path | bytes) -> Dataset:
+    """Parse a DICOM file up to, not including, its pixel data.
+
+    Cheap for large images: the pixel data is never read or decoded.
+
+    Raises
+    ------
+    pydicom.errors.InvalidDicomError, ValueError, EOFError
+        The bytes are not a DICOM file.
+    """
+    fp = BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    for _ in ds:  # pydicom converts values lazily: surface bad ones here
+        pass
+    return ds

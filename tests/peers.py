@@ -1,0 +1,196 @@
+"""Real peers for integration tests: Orthanc, the node as a process, dcmtk.
+
+Nothing here imitates a PACS: :class:`Orthanc` runs the Debian ``Orthanc``
+binary with the DICOMweb plugin on free loopback ports, and :func:`storescu`
+runs dcmtk's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:  # a peer still starting refuses connections
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def have_orthanc() -> bool:
+    return Path(ORTHANC_BIN).exists() and DICOMWEB_PLUGIN.exists()
+
+
+def have_dcmtk() -> bool:
+    return shutil.which("storescu") is not None
+
+
+class Orthanc:
+    """A real Orthanc with the DICOMweb plugin, in a folder of its own.
+
+    ``stop()`` then ``start()`` restarts it on the same ports and storage, as
+    a PACS that went down and came back.
+    """
+
+    def __init__(self, workdir: Path, *, aet: str = "ORTHANC", modalities: dict | None = None, extra: dict | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
+        cfg = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": modalities or {},
+            "StableAge": 2,
+            "HttpCompressionEnabled": False,
+        }
+        cfg.update(extra or {})
+        self.config_path = self.workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps(cfg, indent=2))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> Orthanc:
+        log = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([ORTHANC_BIN, str(self.config_path)], stdout=log, stderr=log, cwd=self.workdir)
+        wait_for(lambda: requests.get(f"{self.url}/system", timeout=1).ok, timeout, what="Orthanc HTTP")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def get(self, path: str, **kw):
+        r = requests.get(f"{self.url}{path}", timeout=10, **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def study_instances(self, study_uid: str) -> list[dict]:
+        """Instances of a study (Orthanc tags, simplified), [] when absent."""
+        found = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+            timeout=10,
+        )
+        found.raise_for_status()
+        return found.json()
+
+    def instances_by_modality(self, study_uid: str) -> dict[str, list[str]]:
+        """Modality -> Orthanc instance ids, for one study."""
+        out: dict[str, list[str]] = {}
+        for inst in self.study_instances(study_uid):
+            series = self.get(f"/instances/{inst['ID']}/series")
+            out.setdefault(series["MainDicomTags"].get("Modality", ""), []).append(inst["ID"])
+        return out
+
+    def file(self, instance_id: str) -> bytes:
+        r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        r.raise_for_status()
+        return r.content
+
+
+def storescu(files: list[Path], port: int, called_aet: str, calling_aet: str = "STORESCU", host: str = "127.0.0.1") -> subprocess.CompletedProcess:
+    """Send ``files`` with dcmtk's storescu on one association.
+
+    TCP_NODELAY=1: without it Nagle's algorithm adds ~40 ms an instance.
+    """
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    cmd = ["storescu", "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, files)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+class NodeProcess:
+    """``ainode serve`` as a separate process, to be stopped or killed."""
+
+    def __init__(self, config_path: Path, workdir: Path, env: dict | None = None):
+        self.config_path = config_path
+        self.workdir = workdir
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "node.log"
+
+    def start(self, api_port: int, timeout: float = 60) -> NodeProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            cwd=self.workdir,
+            env=self.env,
+        )
+        wait_for(
+            lambda: self.proc.poll() is None and requests.get(f"http://127.0.0.1:{api_port}/health", timeout=1).ok,
+            timeout,
+            what="node health",
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as a crash or power cut would leave it."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_lines(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
