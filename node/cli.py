@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import DEFAULT_CONFIG_PATH, ConfigError, NodeConfig, load_config
 
 app = typer.Typer(help="dicom-ai-node: a DICOM AI node.", no_args_is_help=True, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Validate and show the configuration.", no_args_is_help=True)
@@ -31,6 +31,8 @@ _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
 def _config(path: Path | None) -> NodeConfig:
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
     try:
         return load_config(path)
     except ConfigError as exc:

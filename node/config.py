@@ -369,9 +369,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 def load_config(path: Path | str | None = None, **overrides: Any) -> NodeConfig:
     """Read the configuration from ``path`` (TOML) and the environment.
 
-    ``path=None`` reads ``config/node.toml`` when it exists, else uses the
-    defaults. ``overrides`` are top-level sections that replace the file's
-    (used by tests and the CLI).
+    ``path=None`` uses the defaults alone. ``overrides`` are top-level
+    sections that replace the file's (used by tests).
 
     Raises
     ------
@@ -381,8 +380,6 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> NodeConfig:
     """
     data: dict[str, Any] = {}
     source = "defaults"
-    if path is None and DEFAULT_CONFIG_PATH.exists():
-        path = DEFAULT_CONFIG_PATH
     if path is not None:
         path = Path(path)
         source = str(path)
