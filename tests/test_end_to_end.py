@@ -1,0 +1,203 @@
+"""The node end to end, with real peers only.
+
+A real Orthanc (Debian package, DICOMweb plugin) on free loopback ports,
+``ainode serve`` as its own process, and dcmtk's ``storescu`` as the modality.
+A real chest radiograph goes in; the SR and SEG must come back into the same
+Orthanc study, over C-STORE and over STOW-RS. Then the node is killed with
+SIGKILL mid-job, and Orthanc is stopped mid-dispatch: the result must still
+arrive, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from tests.peers import REPO, NodeProcess, free_port, storescu, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def write_node_config(workdir: Path, orthanc, kind: str, *, retry: dict | None = None) -> tuple[Path, dict]:
+    """A node configuration sending pneumonia results to ``orthanc``."""
+    ports = {"node": free_port(), "api": free_port()}
+    if kind == "dicom":
+        dest = f'kind = "dicom"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}'
+    else:
+        dest = f'kind = "dicomweb"\nurl = "{orthanc.dicomweb_url}"'
+    retry = retry or {"max_attempts": 20, "initial_delay_seconds": 0.5, "multiplier": 1.5, "max_delay_seconds": 2}
+    text = f"""
+[node]
+ae_title = "AINODE"
+bind_address = "127.0.0.1"
+port = {ports['node']}
+
+[storage]
+spool_dir = "{workdir}/spool"
+quarantine_dir = "{workdir}/quarantine"
+outbox_dir = "{workdir}/outbox"
+index_url = "sqlite:///{workdir}/index.db"
+
+[completion]
+sweep_interval_seconds = 0.5
+series_idle_seconds = 5
+complete_on_release = true
+
+[[routes]]
+name = "cxr-pneumonia"
+pipeline = "pneumonia"
+destinations = ["pacs"]
+match = {{ Modality = ["CR", "DX"], BodyPartExamined = ["CHEST", ""] }}
+
+[destinations.pacs]
+{dest}
+
+[retry]
+{chr(10).join(f'{k} = {v}' for k, v in retry.items())}
+
+[worker]
+torch_threads = 2
+
+[api]
+bind_address = "127.0.0.1"
+port = {ports['api']}
+"""
+    path = workdir / "node.toml"
+    path.write_text(text)
+    return path, ports
+
+
+def derived_in_orthanc(orthanc, study_uid: str) -> dict[str, list[str]]:
+    by_modality = orthanc.instances_by_modality(study_uid)
+    return {m: ids for m, ids in by_modality.items() if m in ("SR", "SEG")}
+
+
+def check_results(orthanc, source: Path) -> dict:
+    """Read the SR and SEG back from Orthanc with highdicom and check them."""
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    found = derived_in_orthanc(orthanc, src.StudyInstanceUID)
+    assert len(found.get("SR", [])) == 1 and len(found.get("SEG", [])) == 1, found
+
+    seg = hd.seg.segread(BytesIO(orthanc.file(found["SEG"][0])))
+    assert seg.StudyInstanceUID == src.StudyInstanceUID
+    ref = seg.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == src.SeriesInstanceUID
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription.upper()
+    assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+
+    sr = hd.sr.srread(BytesIO(orthanc.file(found["SR"][0])))
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription.upper()
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert groups, "TID 1500 planar ROI measurement group missing"
+    measurements = groups[0].get_measurements()
+    probability = [m for m in measurements if "probab" in m.name.meaning.lower()]
+    assert probability and 0.0 <= probability[0].value <= 1.0
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert src.SOPInstanceUID in evidence and seg.SOPInstanceUID in evidence
+    return {"probability": float(probability[0].value), "seg": seg.SOPInstanceUID, "sr": sr.SOPInstanceUID}
+
+
+def _record_latency(name: str, figures: dict) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "latency.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = figures
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture
+def node_for(tmp_path, orthanc):
+    started: list[NodeProcess] = []
+
+    def start(kind: str, **kw) -> tuple[NodeProcess, dict]:
+        config, ports = write_node_config(tmp_path, orthanc, kind, **kw)
+        node = NodeProcess(config, tmp_path).start(ports["api"])
+        started.append(node)
+        return node, ports
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.mark.parametrize("kind", ["dicom", "dicomweb"])
+@pytest.mark.parametrize("case", ["rg1_uncr", "rsna_cxr"])
+def test_radiograph_in_sr_and_seg_back(request, case, kind, orthanc, node_for, dcmtk):
+    source: Path = request.getfixturevalue(case)
+    node, ports = node_for(kind)
+    sent = storescu([source], ports["node"], "AINODE")
+    assert sent.returncode == 0, sent.stderr
+    t_received = time.monotonic()
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    wait_for(lambda: "SR" in derived_in_orthanc(orthanc, src.StudyInstanceUID), 120, 0.05, "SR in Orthanc")
+    latency = time.monotonic() - t_received
+    wait_for(lambda: len(derived_in_orthanc(orthanc, src.StudyInstanceUID)) == 2, 30, 0.05, "SEG in Orthanc")
+    result = check_results(orthanc, source)
+    timings = [e for e in node.log_lines() if e.get("event") == "job_done"][0]["timings"]
+    _record_latency(f"{case}-{kind}", {"last_instance_to_sr_in_orthanc_s": round(latency, 3), "job_stages_s": timings, **result})
+    print(f"\n{case} via {kind}: last instance -> SR in Orthanc {latency:.2f} s; stages {timings}")
+
+
+def _job_states(db: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+        return c.execute("SELECT state, attempts FROM jobs").fetchall()
+
+
+def test_sigkill_mid_job_result_arrives_exactly_once(tmp_path, rg1_uncr, orthanc, node_for, dcmtk):
+    node, ports = node_for("dicom")
+    assert storescu([rg1_uncr], ports["node"], "AINODE").returncode == 0
+    db = tmp_path / "index.db"
+    wait_for(lambda: ("running", 1) in _job_states(db), 60, 0.01, "job running")
+    node.kill()
+    src = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
+    assert derived_in_orthanc(orthanc, src.StudyInstanceUID) == {}, "killed before any result was sent"
+    assert _job_states(db) == [("running", 1)]
+
+    node2, _ = node_for("dicom")
+    wait_for(lambda: len(derived_in_orthanc(orthanc, src.StudyInstanceUID)) == 2, 120, 0.1, "SR and SEG after restart")
+    time.sleep(2)  # anything duplicated would show up by now
+    found = derived_in_orthanc(orthanc, src.StudyInstanceUID)
+    assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+    assert _job_states(db) == [("done", 2)]
+    recovered = [e for e in node2.log_lines() if e.get("event") == "recovered"]
+    assert recovered and recovered[-1]["jobs_requeued"] == 1
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*), min(state), max(state) FROM deliveries").fetchone() == (2, "delivered", "delivered")
+    check_results(orthanc, rg1_uncr)
+
+
+def test_pacs_down_during_dispatch_result_delivered_when_back(tmp_path, rg1_uncr, orthanc, node_for, dcmtk):
+    node, ports = node_for("dicom")
+    orthanc.stop()
+    assert storescu([rg1_uncr], ports["node"], "AINODE").returncode == 0
+    db = tmp_path / "index.db"
+
+    def failed_attempts() -> int:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+            return c.execute("SELECT count(*) FROM delivery_attempts WHERE ok = 0").fetchone()[0]
+
+    wait_for(lambda: failed_attempts() >= 4, 120, 0.2, "failed delivery attempts while Orthanc is down")
+    with sqlite3.connect(db) as c:
+        assert {r[0] for r in c.execute("SELECT state FROM deliveries")} == {"pending"}
+    orthanc.start()
+    src = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
+    wait_for(lambda: len(derived_in_orthanc(orthanc, src.StudyInstanceUID)) == 2, 60, 0.2, "results after Orthanc returned")
+    check_results(orthanc, rg1_uncr)
+    with sqlite3.connect(db) as c:
+        assert {r[0] for r in c.execute("SELECT state FROM deliveries")} == {"delivered"}
