@@ -1,0 +1,553 @@
+"""What every derived DICOM object of every pipeline needs.
+
+A pipeline's writers (``pipelines/<task>/write.py``) build their SEG and SR
+with highdicom and take from here:
+
+- :class:`AlgorithmDescription`: the model as it is named in the objects;
+- :func:`derived_uids`: Series and SOP Instance UIDs that a re-run repeats,
+  so the PACS replaces an earlier result instead of storing a duplicate;
+- :func:`sanitize_source` / :func:`sanitize_sources` (from
+  :mod:`pipelines.common.sanitize`): source metadata with invalid values
+  repaired or dropped, and the list of what changed;
+- :func:`series_description`, :func:`fit_long_string`: labels that name the
+  pipeline, model and version and say "NOT FOR DIAGNOSTIC USE" within the 64
+  characters of LO;
+- :func:`add_patient_orientation`, :func:`image_library`,
+  :func:`insert_image_library`, :func:`ensure_valid_values`: the pieces of
+  the General Image module and TID 1600 that highdicom leaves to the caller
+  for projection radiographs, and a last check of the finished object.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
+
+from pipelines.common.sanitize import (
+    TYPE2_IN_DERIVED,
+    Repair,
+    find_invalid_values,
+    sanitize_source,
+    sanitize_sources,
+)
+
+__all__ = [
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "AlgorithmDescription",
+    "DerivedUIDs",
+    "Repair",
+    "TYPE2_IN_DERIVED",
+    "add_patient_orientation",
+    "check_long_string",
+    "derived_uid",
+    "derived_uids",
+    "device_uid",
+    "ensure_valid_values",
+    "fit_long_string",
+    "image_library",
+    "insert_image_library",
+    "referenced_segmentation_frame",
+    "sanitize_source",
+    "sanitize_sources",
+    "segment_frame_numbers",
+    "segmentation_source",
+    "series_description",
+]
+
+#: Said by the Series Description of every derived object (and by the SEG's
+#: Content Description): the node's results support review, not diagnosis.
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+# Mixed into every UID's entropy so the node's UIDs never collide with those
+# of another application hashing the same source UIDs under pydicom's root.
+_UID_NAMESPACE = "dicom-ai-node"
+
+# LO (PS3.5 6.2): 64 characters of the default repertoire, no backslash, no
+# control characters. Our own strings are kept to printable ASCII so that
+# they encode under any Specific Character Set a source may declare.
+_LO_CHARACTERS = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
+_LO_MAX = 64
+
+_PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+
+
+def check_long_string(value: object, attribute: str, *, required: bool = True) -> str:
+    """Check that ``value`` can be written as an LO value of our own.
+
+    Raises
+    ------
+    ValueError
+        Not a string, empty (when ``required``), longer than 64 characters, or
+        holding a backslash or a character outside printable ASCII. The
+        message names ``attribute``.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{attribute} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ValueError(f"{attribute} is empty")
+    if len(value) > _LO_MAX:
+        raise ValueError(f"{attribute} is {len(value)} characters; LO allows {_LO_MAX} (PS3.5 6.2)")
+    if not _LO_CHARACTERS.fullmatch(value):
+        raise ValueError(f"{attribute} {value!r} must be printable ASCII without backslash (LO, PS3.5 6.2)")
+    return value
+
+
+@dataclass(frozen=True)
+class AlgorithmDescription:
+    """The model that produced a derived object, as the objects name it.
+
+    It fills the SEG's Segmentation Algorithm Identification Sequence
+    (PS3.3 C.8.20.2, Algorithm Identification Macro 10.16), the SR's TID 4019
+    Algorithm Identification and TID 1004 Device Observer, and the Series
+    Description of both.
+
+    Attributes
+    ----------
+    name:
+        Algorithm Name (0066,0036), LO: the model card's name, e.g.
+        ``"pneumonia-densenet121-demo"``.
+    version:
+        Algorithm Version (0066,0031), LO, e.g. ``"1.0.0"``.
+    source:
+        Algorithm Source (0066,0032), LO, optional: where the model comes
+        from, e.g. ``"torchxrayvision densenet121-res224-rsna"``.
+    family:
+        Algorithm Family Code (0066,002F) from CID 7162; default
+        ``codes.cid7162.ArtificialIntelligence`` (DCM 123110).
+    parameters:
+        Algorithm Parameters (0066,0032 LT as ``name=value,...``; one TID 4019
+        row each): name -> value of the settings the model ran with, e.g.
+        ``{"cam_threshold": "0.5"}``.
+
+    Raises
+    ------
+    ValueError
+        On construction, naming the attribute: an empty or over-long string,
+        a character LO does not allow, a parameter name holding ``=`` or
+        ``,`` or a value holding ``,``.
+    TypeError
+        ``family`` is not a :class:`pydicom.sr.coding.Code` or
+        :class:`highdicom.sr.CodedConcept`.
+    """
+
+    name: str
+    version: str
+    source: str | None = None
+    family: Code | CodedConcept = codes.cid7162.ArtificialIntelligence
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_long_string(self.name, "AlgorithmDescription.name")
+        check_long_string(self.version, "AlgorithmDescription.version")
+        if self.source is not None:
+            check_long_string(self.source, "AlgorithmDescription.source")
+        if not isinstance(self.family, (Code, CodedConcept)):
+            raise TypeError(
+                f"AlgorithmDescription.family must be a Code from CID 7162, got {type(self.family).__name__}"
+            )
+        parameters = dict(self.parameters)
+        for key, value in parameters.items():
+            attribute = f"AlgorithmDescription.parameters[{key!r}]"
+            check_long_string(key, attribute)
+            check_long_string(value, attribute)
+            # Written as "name=value,name=value" (highdicom, 0066,0032).
+            if "=" in key or "," in key or "," in value:
+                raise ValueError(f"{attribute} must not hold ',' (nor '=' in the name)")
+        object.__setattr__(self, "parameters", MappingProxyType(parameters))
+
+    @property
+    def label(self) -> str:
+        """``"<name> <version>"``, as written where a single text names the model."""
+        return f"{self.name} {self.version}"
+
+    def segmentation_identification(self) -> hd.AlgorithmIdentificationSequence:
+        """Algorithm Identification Sequence for a SEG segment (PS3.3 10.16)."""
+        return hd.AlgorithmIdentificationSequence(
+            name=self.name,
+            family=self.family,
+            version=self.version,
+            source=self.source,
+            parameters=dict(self.parameters) or None,
+        )
+
+    def sr_identification(self) -> hd.sr.AlgorithmIdentification:
+        """TID 4019 Algorithm Identification for an SR measurement group."""
+        return hd.sr.AlgorithmIdentification(
+            name=self.name,
+            version=self.version,
+            parameters=[f"{key}={value}" for key, value in self.parameters.items()] or None,
+            family=self.family,
+        )
+
+
+@dataclass(frozen=True)
+class DerivedUIDs:
+    """Series Instance UID and SOP Instance UID of one derived object."""
+
+    series_instance_uid: UID
+    sop_instance_uid: UID
+
+
+def derived_uid(prefix: str | None, *parts: str) -> UID:
+    """A UID that is a function of ``parts`` only (PS3.5 9.1; under an
+    organisation root, PS3.5 B.1).
+
+    ``pydicom.uid.generate_uid(prefix, entropy_srcs=[...])`` hashes the parts
+    (SHA-512) under ``prefix``; the same parts always give the same UID.
+
+    Parameters
+    ----------
+    prefix:
+        Organisation root ending in ``"."`` (``PipelineContext.uid_prefix``);
+        ``None`` uses pydicom's root ``1.2.826.0.1.3680043.8.498.`` (pydicom's
+        own ``prefix=None`` would ignore the entropy and return a random
+        ``2.25.`` UUID UID, which would defeat the purpose).
+    parts:
+        Strings that identify what the UID names; at least one.
+
+    Raises
+    ------
+    ValueError
+        ``prefix`` is not a valid UID root (names ``uid_prefix``), or no
+        part is given.
+    """
+    if not parts:
+        raise ValueError("derived_uid needs at least one part to derive from")
+    # generate_uid concatenates its sources; a separator keeps ("ab", "c")
+    # and ("a", "bc") apart.
+    entropy = "\x1f".join((_UID_NAMESPACE, *parts))
+    try:
+        return generate_uid(PYDICOM_ROOT_UID if prefix is None else prefix, entropy_srcs=[entropy])
+    except ValueError as exc:
+        raise ValueError(f"uid_prefix {prefix!r} is not a valid UID root: {exc}") from None
+
+
+def derived_uids(
+    sources: Sequence[Dataset],
+    *,
+    pipeline: str,
+    algorithm: AlgorithmDescription,
+    kind: str,
+    prefix: str | None,
+) -> DerivedUIDs:
+    """Deterministic UIDs of a derived object.
+
+    The Series Instance UID derives from the sorted source Series Instance
+    UIDs, the SOP Instance UID from the sorted source SOP Instance UIDs; both
+    also from ``pipeline``, the model's name and version and ``kind``. A
+    re-run gives the same UIDs (the PACS replaces the earlier object); another
+    model version, another kind or other sources give other UIDs. Order of
+    ``sources`` does not matter.
+
+    Parameters
+    ----------
+    sources:
+        The source images (datasets or sanitised copies).
+    pipeline:
+        Routing name of the pipeline, e.g. ``"pneumonia"``.
+    algorithm:
+        The model.
+    kind:
+        What the object is, e.g. ``"SEG"`` or ``"SR"``: a SEG and an SR of
+        the same run are in different series (a series has one Modality).
+    prefix:
+        ``PipelineContext.uid_prefix``.
+
+    Raises
+    ------
+    ValueError
+        ``sources`` is empty, ``pipeline`` or ``kind`` is empty, a source
+        lacks its UIDs, or ``prefix`` is invalid.
+    """
+    if not sources:
+        raise ValueError("sources is empty: a derived object needs at least one source image")
+    check_long_string(pipeline, "pipeline")
+    check_long_string(kind, "kind")
+    try:
+        series = sorted({str(ds.SeriesInstanceUID) for ds in sources})
+        instances = sorted({str(ds.SOPInstanceUID) for ds in sources})
+    except AttributeError as exc:
+        raise ValueError(f"a source image lacks its UIDs: {exc}") from None
+    identity = (pipeline, algorithm.name, algorithm.version, kind)
+    return DerivedUIDs(
+        series_instance_uid=derived_uid(prefix, "series", *identity, *series),
+        sop_instance_uid=derived_uid(prefix, "instance", *identity, *instances),
+    )
+
+
+def device_uid(algorithm: AlgorithmDescription, prefix: str | None) -> UID:
+    """UID of the node running ``algorithm``, as a device (TID 1004 Device
+    Observer UID in the SR; also written as the SEG's Device Serial Number, so
+    both objects name the same device). Same model and version, same UID.
+
+    Raises
+    ------
+    ValueError
+        ``prefix`` is invalid.
+    """
+    return derived_uid(prefix, "device", algorithm.name, algorithm.version)
+
+
+def fit_long_string(candidates: Sequence[str], attribute: str, *, limit: int = _LO_MAX) -> str:
+    """The first of ``candidates`` (most to least complete) that fits LO.
+
+    Raises
+    ------
+    ValueError
+        None fits in ``limit`` characters, or one holds a character LO does
+        not allow; the message names ``attribute``.
+    """
+    if not candidates:
+        raise ValueError(f"{attribute}: no text to write")
+    for text in candidates:
+        check_long_string(text[:limit], attribute)
+        if len(text) <= limit:
+            return text
+    raise ValueError(
+        f"{attribute}: even the shortest form {candidates[-1]!r} is {len(candidates[-1])} characters, "
+        f"LO allows {limit} (PS3.5 6.2); shorten the model's name or version"
+    )
+
+
+def series_description(pipeline: str, algorithm: AlgorithmDescription, kind: str) -> str:
+    """Series Description (0008,103E) of a derived series.
+
+    Names the pipeline, the object kind, the model's name and version, and
+    says "NOT FOR DIAGNOSTIC USE", shortened (model name first, then
+    pipeline) to fit the 64 characters of LO; the version and the warning
+    always stay. The full name and version also go where the IOD has room.
+
+    Raises
+    ------
+    ValueError
+        Even ``"<kind> <version> NOT FOR DIAGNOSTIC USE"`` is over 64
+        characters.
+    """
+    check_long_string(pipeline, "pipeline")
+    check_long_string(kind, "kind")
+    name, version = algorithm.name, algorithm.version
+    return fit_long_string(
+        [
+            f"{pipeline} {kind} {name} {version} - {NOT_FOR_DIAGNOSTIC_USE}",
+            f"{name} {version} {kind} - {NOT_FOR_DIAGNOSTIC_USE}",
+            f"{pipeline} {kind} {version} - {NOT_FOR_DIAGNOSTIC_USE}",
+            f"{kind} {version} {NOT_FOR_DIAGNOSTIC_USE}",
+        ],
+        "SeriesDescription",
+    )
+
+
+def segmentation_source(source: Dataset) -> Dataset:
+    """The sanitised ``source`` as a SEG's geometry should see it.
+
+    Without a Frame of Reference a SEG has no coordinate system, so Pixel
+    Measures mean nothing in it (PS3.3 A.51.5 ties them to the Frame of
+    Reference); highdicom 0.28 still copies a valid Pixel Spacing of such a
+    source into the SEG's Pixel Measures, and then cannot read that SEG back
+    (``segread`` fails: "required attributes for a Pixel Measures
+    Sequence"). So for a source without Frame of Reference the returned copy
+    has no Pixel Spacing, Slice Thickness or Spacing Between Slices; the
+    SEG is still tied to the source pixel by pixel through its Derivation
+    Image references. With a Frame of Reference ``source`` is returned as is.
+    """
+    if "FrameOfReferenceUID" in source:
+        return source
+    clean = copy.copy(source)
+    for keyword in ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
+        if keyword in clean:
+            del clean[keyword]
+    return clean
+
+
+def add_patient_orientation(derived: Dataset, source: Dataset) -> None:
+    """Write Patient Orientation (0020,0020) into a derived image.
+
+    General Image module (PS3.3 C.7.6.1): Patient Orientation is Type 2C,
+    required when the image has no Image Orientation (Patient), which is the
+    case for a SEG on a projection radiograph (no Frame of Reference).
+    highdicom does not write it. The derived frame lies on the source's pixel
+    grid, so the source's (sanitised) value applies; without a valid one it
+    is written empty, which Type 2 allows. A derived object in a Frame of
+    Reference is left as it is.
+    """
+    if "FrameOfReferenceUID" in derived:
+        return
+    derived.PatientOrientation = source.get("PatientOrientation") or None
+
+
+def _modality_code(modality: str) -> Code | None:
+    """The CID 33 (Modality) or CID 29 code whose value is ``modality``."""
+    for collection in (codes.cid33, codes.cid29):
+        for code in collection.concepts.values():
+            if code.value == modality:
+                return code
+    return None
+
+
+def image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library naming the source images of an SR.
+
+    highdicom's ``ImageLibrary`` needs Patient Orientation and Imager Pixel
+    Spacing on every projection radiograph and fails without them (a
+    Secondary Capture of a chest film has neither); here each TID 1602/1603
+    descriptor is written only where its source value is present and valid:
+    Modality (from the Modality attribute, CID 33), Frame of Reference UID,
+    Pixel Data Rows/Columns, Patient Orientation Row/Column, and Horizontal/
+    Vertical Pixel Spacing (Imager Pixel Spacing for projection images, Pixel
+    Spacing for others).
+
+    Parameters
+    ----------
+    images:
+        Sanitised source images (from :func:`sanitize_source`).
+
+    Raises
+    ------
+    ValueError
+        ``images`` is empty.
+    """
+    if not images:
+        raise ValueError("images is empty: an image library names at least one image")
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = CodedConcept("{pixels}", "UCUM", "Pixels")
+    groups: dict[tuple[str, str | None], list[hd.sr.ImageContentItem]] = {}
+    for image in images:
+        item = hd.sr.ImageContentItem(
+            name=CodedConcept("260753009", "SCT", "Source"),
+            referenced_sop_class_uid=image.SOPClassUID,
+            referenced_sop_instance_uid=image.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        descriptors = hd.sr.ContentSequence()
+
+        def number(name: Code, value: float, unit: Code | CodedConcept) -> None:
+            descriptors.append(hd.sr.NumContentItem(name, value, unit, relationship_type=acq))
+
+        number(codes.DCM.PixelDataRows, int(image.Rows), pixels)
+        number(codes.DCM.PixelDataColumns, int(image.Columns), pixels)
+        orientation = image.get("PatientOrientation")
+        if orientation and len(orientation) == 2:
+            descriptors.append(hd.sr.TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], acq))
+            descriptors.append(hd.sr.TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], acq))
+        projection = image.Modality in _PROJECTION_MODALITIES
+        spacing = image.get("ImagerPixelSpacing" if projection else "PixelSpacing")
+        if spacing and len(spacing) == 2 and all(math.isfinite(float(v)) and float(v) > 0 for v in spacing):
+            number(codes.DCM.HorizontalPixelSpacing, float(spacing[1]), codes.UCUM.Millimeter)
+            number(codes.DCM.VerticalPixelSpacing, float(spacing[0]), codes.UCUM.Millimeter)
+        item.ContentSequence = descriptors
+        key = (str(image.Modality), str(image.FrameOfReferenceUID) if "FrameOfReferenceUID" in image else None)
+        groups.setdefault(key, []).append(item)
+
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence()
+    for (modality, frame_of_reference), items in groups.items():
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        group.ContentSequence = hd.sr.ContentSequence()
+        code = _modality_code(modality)
+        if code is not None:
+            group.ContentSequence.append(hd.sr.CodeContentItem(codes.DCM.Modality, code, acq))
+        if frame_of_reference is not None:
+            group.ContentSequence.append(
+                hd.sr.UIDRefContentItem(codes.DCM.FrameOfReferenceUID, frame_of_reference, acq)
+            )
+        group.ContentSequence.extend(items)
+        library.ContentSequence.append(group)
+    return library
+
+
+def insert_image_library(report: hd.sr.MeasurementReport, library: hd.sr.ContainerContentItem) -> None:
+    """Put ``library`` into a TID 1500 report at its row: after Procedure
+    Reported, before Imaging Measurements (PS3.16 TID 1500 rows 4-6)."""
+    content = report[0].ContentSequence
+    for index, item in enumerate(content):
+        if item.name == codes.DCM.ImagingMeasurements:
+            content.insert(index, library)
+            return
+    raise ValueError("report has no Imaging Measurements container to put the Image Library before")
+
+
+def segment_frame_numbers(seg: Dataset, segment_number: int) -> list[int]:
+    """1-based numbers of the frames of ``seg`` that hold ``segment_number``.
+
+    The Segment Identification Sequence is read from each frame's item of
+    the Per-Frame Functional Groups, or from the Shared Functional Groups
+    where highdicom puts it for a single-frame SEG (PS3.3 C.7.6.16).
+    """
+    shared = seg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    frames = []
+    for number in range(1, int(seg.get("NumberOfFrames", 1)) + 1):
+        item = per_frame[number - 1] if len(per_frame) >= number else Dataset()
+        identification = item.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
+        if identification and int(identification[0].ReferencedSegmentNumber) == segment_number:
+            frames.append(number)
+    return frames
+
+
+def referenced_segmentation_frame(
+    seg: Dataset, segment_number: int, source: Dataset
+) -> hd.sr.ReferencedSegmentationFrame:
+    """TID 1410 row 7 reference to segment ``segment_number`` of a planar
+    ``seg`` made from the single-frame ``source``: an IMAGE item "Referenced
+    Segmentation Frame" (DCM 121214) and ``source`` as "Source Image for
+    Segmentation" (DCM 121233).
+
+    The reference names the segment by Referenced Segment Number
+    (0062,000B) and carries no Referenced Frame Number (0008,1160): in the
+    Image SOP Instance Reference Macro (PS3.3 Table 10-3) the two exclude
+    each other, and the frame number is required only when no segment number
+    is given (dciodvfy: "Shall not be present when ReferencedFrameNumber is
+    present"). highdicom writes both, and its ``from_segmentation`` reads the
+    Segment Identification only from Per-Frame Functional Groups, so it fails
+    on the single-frame SEGs highdicom itself writes; hence this function.
+
+    Raises
+    ------
+    ValueError
+        The segment is on no frame of ``seg`` or on several (a volume: use
+        TID 1411 ``hd.sr.ReferencedSegment`` instead).
+    """
+    frames = segment_frame_numbers(seg, segment_number)
+    if len(frames) != 1:
+        raise ValueError(
+            f"segment {segment_number} of the SEG is on {len(frames)} frames; a planar reference needs exactly one"
+        )
+    reference = hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        frame_number=frames[0],
+        segment_number=segment_number,
+        source_image=hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID),
+    )
+    del reference[0].ReferencedSOPSequence[0].ReferencedFrameNumber
+    return reference
+
+
+def ensure_valid_values(dataset: Dataset, what: str) -> None:
+    """Last guard before a derived object leaves the writer.
+
+    Raises
+    ------
+    ValueError
+        A value of ``dataset`` breaks its VR or VM (see
+        :func:`pipelines.common.sanitize.find_invalid_values`); the message
+        starts with ``what`` and lists them.
+    """
+    problems = find_invalid_values(dataset)
+    if problems:
+        raise ValueError(f"{what} would carry invalid values: " + "; ".join(problems))
