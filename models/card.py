@@ -1,0 +1,317 @@
+"""Model cards: what a set of weights is, how to feed it, and how well it did.
+
+A card is a JSON file (``models/cards/<name>.json`` or a configured directory)
+validated by :class:`ModelCard`. It names the architecture the registry builds,
+the weight file (path relative to the card, with its SHA-256), the input spec
+the preprocessing follows, the output labels, the operating point, the licence
+and intended use, the training data and the metrics measured on held-out data.
+
+The fields follow the "Model Cards for Model Reporting" structure (Mitchell et
+al., FAT* 2019, arXiv:1810.03993) and the metadata of MONAI bundles
+(``configs/metadata.json``), reduced to what the node uses.
+
+Validation errors are raised as :class:`ValueError` (pydantic's
+``ValidationError`` is a subclass) whose message names the offending attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Architecture(_Strict):
+    """Which network to build: ``name`` is a key of the registry's builders
+    (e.g. ``"xrv-densenet121"``), ``params`` its keyword arguments."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSpec(_Strict):
+    """How an image must be prepared for the network.
+
+    Attributes
+    ----------
+    modalities:
+        DICOM Modality (0008,0060) values the model was trained for.
+    channels:
+        Network input channels.
+    size:
+        Network input ``(H, W)`` in pixels.
+    isotropic_resampling:
+        Resample to square pixels using Pixel Spacing (0028,0030) or Imager
+        Pixel Spacing (0018,1164) before resizing.
+    pad_to_square:
+        Pad the shorter side (with black) before resizing, so no anatomy is cut.
+    clahe:
+        Apply CLAHE (skimage ``exposure.equalize_adapthist``) at the input size.
+    clahe_clip_limit:
+        CLAHE clip limit in (0, 1].
+    intensity_range:
+        ``(low, high)``: the [0, 1] image is mapped linearly onto it;
+        torchxrayvision uses (-1024, 1024).
+    """
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    channels: int = Field(1, ge=1)
+    size: tuple[int, int]
+    isotropic_resampling: bool = True
+    pad_to_square: bool = True
+    clahe: bool = False
+    clahe_clip_limit: float = Field(0.01, gt=0.0, le=1.0)
+    intensity_range: tuple[float, float] = (-1024.0, 1024.0)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 8 or v[1] < 8:
+            raise ValueError(f"expected (H, W) of at least 8 pixels each, got {v}")
+        return v
+
+    @field_validator("intensity_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"expected low < high, got {v}")
+        return v
+
+
+class OutputSpec(_Strict):
+    """What the outputs mean.
+
+    Attributes
+    ----------
+    labels:
+        One name per network output, in output order; ``""`` for an output the
+        weights were not trained for.
+    activation:
+        Applied to the logits to get probabilities.
+    target:
+        The label the pipeline reports (e.g. ``"Pneumonia"``).
+    op_norm:
+        Apply torchxrayvision's operating-point normalisation with the
+        ``op_threshs`` buffer, so that 0.5 is the operating point.
+    """
+
+    labels: list[str] = Field(min_length=1)
+    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    target: str = Field(min_length=1)
+    op_norm: bool = False
+
+    @model_validator(mode="after")
+    def _target_in_labels(self) -> OutputSpec:
+        if self.target not in self.labels:
+            raise ValueError(f"output.target {self.target!r} is not one of output.labels")
+        return self
+
+    @property
+    def target_index(self) -> int:
+        """Index of :attr:`target` in the network output."""
+        return self.labels.index(self.target)
+
+
+class OperatingPoint(_Strict):
+    """Decision threshold for :attr:`OutputSpec.target`.
+
+    ``threshold`` is on the probability the pipeline reports (after op_norm
+    when the card uses it); ``method`` says how it was chosen and on which data.
+    """
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    method: str = Field(min_length=1)
+    sensitivity: float | None = Field(None, ge=0.0, le=1.0)
+    specificity: float | None = Field(None, ge=0.0, le=1.0)
+    dataset: str | None = None
+
+
+class Weights(_Strict):
+    """The weight file: ``path`` is relative to the card's directory (or
+    absolute); ``sha256`` is the lower-case hex digest of its bytes."""
+
+    format: Literal["state_dict", "torchscript", "monai_bundle"]
+    path: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class Licence(_Strict):
+    """SPDX identifier and where the terms are."""
+
+    spdx: str = Field(min_length=1)
+    url: str | None = None
+    notes: str | None = None
+
+
+class DataSplit(_Strict):
+    """How the data were split, so the split can be checked and reproduced."""
+
+    method: str = Field(min_length=1)
+    seed: int | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    positives: dict[str, int] = Field(default_factory=dict)
+    members: dict[str, list[str]] = Field(
+        default_factory=dict, description="split name -> group ids (e.g. patient ids) in it"
+    )
+
+
+class TrainingData(_Strict):
+    """Where the training images and labels came from."""
+
+    description: str = Field(min_length=1)
+    sources: list[str] = Field(default_factory=list)
+    licence: str | None = None
+    n_images: int | None = Field(None, ge=0)
+    split: DataSplit | None = None
+
+
+class TrainingRun(_Strict):
+    """How the weights were produced."""
+
+    command: str = Field(min_length=1)
+    wall_time_s: float | None = Field(None, ge=0.0)
+    date: str | None = None
+    hardware: str | None = None
+    software: dict[str, str] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    notes: str | None = None
+
+
+class Metric(_Strict):
+    """One measured figure with its 95 % confidence interval.
+
+    Attributes
+    ----------
+    name:
+        E.g. ``"AUROC Pneumonia"``.
+    value, ci95_low, ci95_high:
+        The estimate and its interval; ``ci95_low <= value <= ci95_high``.
+    dataset, split:
+        Which data, and which part of them (e.g. "held-out test split, by patient").
+    n, n_positive:
+        Images (or patients) evaluated, and how many were positive.
+    ci_method:
+        How the interval was computed (e.g. "percentile bootstrap, 2000
+        resamples of patients").
+    """
+
+    name: str = Field(min_length=1)
+    value: float
+    ci95_low: float | None = None
+    ci95_high: float | None = None
+    dataset: str = Field(min_length=1)
+    split: str = Field(min_length=1)
+    n: int = Field(ge=1)
+    n_positive: int | None = Field(None, ge=0)
+    ci_method: str | None = None
+
+    @model_validator(mode="after")
+    def _ci_brackets_value(self) -> Metric:
+        if (self.ci95_low is None) != (self.ci95_high is None):
+            raise ValueError("metrics: ci95_low and ci95_high must both be given or both be empty")
+        if self.ci95_low is not None and not (self.ci95_low <= self.value <= self.ci95_high):
+            raise ValueError(
+                f"metrics[{self.name!r}]: expected ci95_low <= value <= ci95_high, got "
+                f"{self.ci95_low} <= {self.value} <= {self.ci95_high}"
+            )
+        if self.n_positive is not None and self.n_positive > self.n:
+            raise ValueError(f"metrics[{self.name!r}]: n_positive {self.n_positive} exceeds n {self.n}")
+        return self
+
+
+class ModelCard(_Strict):
+    """A validated model card.
+
+    Raises
+    ------
+    ValueError
+        On construction, for a missing, extra or invalid attribute; the message
+        names it (e.g. ``weights.sha256``).
+    """
+
+    card_format: Literal[1] = 1
+    name: str = Field(pattern=_NAME_PATTERN)
+    version: str = Field(min_length=1)
+    task: Literal["classification", "segmentation"]
+    description: str = Field(min_length=1)
+    architecture: Architecture
+    input: InputSpec
+    output: OutputSpec
+    operating_point: OperatingPoint | None = None
+    weights: Weights
+    licence: Licence
+    intended_use: str = Field(min_length=1)
+    demonstration_only: bool
+    training_data: TrainingData
+    training: TrainingRun | None = None
+    metrics: list[Metric] = Field(default_factory=list)
+    references: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _finite(self) -> ModelCard:
+        for m in self.metrics:
+            for field in ("value", "ci95_low", "ci95_high"):
+                v = getattr(m, field)
+                if v is not None and not math.isfinite(v):
+                    raise ValueError(f"metrics[{m.name!r}].{field} is not finite: {v}")
+        return self
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ValueError(_describe(exc, data.get("name"))) from exc
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelCard:
+        """Read and validate a card.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` does not exist.
+        ValueError
+            The file is not JSON, or not a valid card; the message names the
+            file and the attribute.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model card {path}: not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"model card {path}: expected a JSON object at the top level")
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"model card {path}: {exc}") from exc
+
+    def to_file(self, path: Path) -> None:
+        """Write the card as indented JSON (UTF-8, trailing newline)."""
+        Path(path).write_text(
+            json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+    def weights_path(self, card_dir: Path) -> Path:
+        """The weight file (or bundle directory) as an absolute path."""
+        p = Path(self.weights.path)
+        return p if p.is_absolute() else (Path(card_dir) / p).resolve()
+
+
+def _describe(exc: ValidationError, name: Any) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<card>"
+        parts.append(f"{loc}: {err['msg']}")
+    who = f"model card {name!r}" if isinstance(name, str) else "model card"
+    return f"{who}: " + "; ".join(parts)
