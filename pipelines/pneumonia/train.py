@@ -1,0 +1,770 @@
+"""Train the demonstration pneumonia weights on the NIH ChestX-ray14 starter set.
+
+No pretrained weights can be downloaded here, so "transfer learning" happens
+inside the project, in two stages on the same DenseNet-121
+(:class:`models.densenet.XRVDenseNet121`, torchxrayvision's 18-output layout):
+
+1. **Multi-task representation learning.** All 14 NIH finding labels, mapped to
+   their torchxrayvision output indices (Pneumonia at 8), are trained together
+   with a class-weighted, masked binary cross-entropy, so every image, not only
+   the 32 pneumonia cases, teaches the features. The checkpoint with the best
+   validation mean AUROC over the findings is kept.
+2. **Pneumonia fine-tuning.** From that checkpoint, at a lower learning rate,
+   the pneumonia output gets the main weight (the multi-task loss stays as a
+   regulariser). Early stopping and checkpoint selection use the validation
+   pneumonia AUROC.
+
+Data are split by patient (no patient in two splits), stratified on whether the
+patient has a pneumonia image, with a fixed seed; the patient ids of the test
+and validation splits are written into the model card.
+
+The held-out test split is touched once, at the end: AUROC with a percentile
+bootstrap interval resampling patients, plus sensitivity and specificity at the
+operating point chosen on validation (Youden's J).
+
+Run::
+
+    nice -n 10 python -m pipelines.pneumonia.train --data ../shared/data/cxr14 --out models
+
+Data: NIH ChestX-ray14 (Wang et al., CVPR 2017; NIH Clinical Center, public),
+starter set of github.com/jrzech/reproduce-chexnet (BSD-3-Clause), 256x256 PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import hashlib
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import train_test_split
+
+from models.card import (
+    Architecture,
+    DataSplit,
+    InputSpec,
+    Licence,
+    Metric,
+    ModelCard,
+    OperatingPoint,
+    OutputSpec,
+    TrainingData,
+    TrainingRun,
+    Weights,
+)
+from models.densenet import PNEUMONIA_INDEX, XRV_LABELS, XRVDenseNet121
+from pipelines.pneumonia.preprocess import CxrPreprocessor, png_to_image
+
+log = logging.getLogger(__name__)
+
+#: The 14 ChestX-ray14 findings (``Finding Labels``); all are torchxrayvision labels.
+NIH_FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+DATA_SOURCE = (
+    "NIH ChestX-ray14 (Wang et al., CVPR 2017; NIH Clinical Center, public), images of the starter set of "
+    "github.com/jrzech/reproduce-chexnet (BSD-3-Clause) downscaled to 256x256 8-bit PNG; labels from "
+    "Data_Entry_2017_v2020.csv (NLP-mined from reports, not radiologist-verified)"
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes
+    ----------
+    data_dir:
+        Folder with ``labels.csv`` and ``images/*.png`` (read in place).
+    out_dir:
+        Model root: weights go to ``out_dir/weights/<name>.pt``, the card to
+        ``out_dir/cards/<name>.json`` (and ``.md``).
+    name, version:
+        Card name and version.
+    size:
+        Network input side in pixels (square); the card records it and
+        inference uses it.
+    clahe:
+        Apply CLAHE in preprocessing (recorded in the card's input spec).
+    seed:
+        Seeds the split, the weight initialisation, the batch order and the
+        augmentations.
+    test_fraction, val_fraction:
+        Share of patients in the held-out test and validation splits.
+    batch_size, lr_stage1, lr_stage2, weight_decay:
+        Optimiser settings (AdamW).
+    stage2_aux_weight:
+        Weight of the multi-task loss during pneumonia fine-tuning.
+    time_budget_s:
+        Wall-clock budget for both training stages (evaluation excluded);
+        ``stage1_share`` of it goes to stage 1.
+    max_epochs_stage1, max_epochs_stage2, patience:
+        Epoch limits and early-stopping patience (epochs without improvement).
+    bootstrap:
+        Bootstrap resamples for the confidence intervals (>= 1000 for reports).
+    limit:
+        Use only this many images (a third of them pneumonia), for smoke tests.
+    threads:
+        torch intra-op threads; None keeps torch's default.
+    """
+
+    data_dir: Path
+    out_dir: Path
+    name: str = "pneumonia-densenet121-demo"
+    version: str = "0.1.0"
+    size: int = 128
+    clahe: bool = True
+    seed: int = 20250101
+    test_fraction: float = 0.3
+    val_fraction: float = 0.15
+    batch_size: int = 16
+    lr_stage1: float = 1e-3
+    lr_stage2: float = 2e-4
+    weight_decay: float = 1e-4
+    stage2_aux_weight: float = 0.3
+    time_budget_s: float = 28 * 60.0
+    stage1_share: float = 0.6
+    max_epochs_stage1: int = 40
+    max_epochs_stage2: int = 30
+    patience: int = 6
+    bootstrap: int = 2000
+    limit: int | None = None
+    threads: int | None = None
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "size": self.size >= 32,
+            "test_fraction": 0 < self.test_fraction < 1,
+            "val_fraction": 0 < self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
+            "batch_size": self.batch_size >= 2,
+            "lr_stage1": self.lr_stage1 > 0,
+            "lr_stage2": self.lr_stage2 > 0,
+            "time_budget_s": self.time_budget_s > 0,
+            "stage1_share": 0 < self.stage1_share < 1,
+            "max_epochs_stage1": self.max_epochs_stage1 >= 1,
+            "max_epochs_stage2": self.max_epochs_stage2 >= 0,
+            "patience": self.patience >= 1,
+            "bootstrap": self.bootstrap >= 10,
+            "limit": self.limit is None or self.limit >= 12,
+        }
+        for attr, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{attr} is invalid: {getattr(self, attr)!r}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the outputs went and what was measured."""
+
+    card_path: Path
+    weights_path: Path
+    card: ModelCard
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class _Records:
+    image_ids: list[str]
+    patient_ids: list[str]
+    labels: np.ndarray  # (N, 18) float32, 0/1
+    label_mask: np.ndarray  # (18,) bool: outputs supervised by NIH labels
+
+
+def read_labels(data_dir: Path, limit: int | None = None) -> _Records:
+    """Read ``labels.csv`` (NIH ``Image Index``, ``Finding Labels``, ``Patient ID``).
+
+    Returns image ids, patient ids, and a ``(N, 18)`` float32 target matrix in
+    torchxrayvision's output order (:data:`models.densenet.XRV_LABELS`), with
+    the mask of the 14 outputs that NIH labels supervise.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``labels.csv`` or an image is missing.
+    ValueError
+        An unknown finding label.
+    """
+    rows = list(csv.DictReader((Path(data_dir) / "labels.csv").open(newline="", encoding="utf-8")))
+    rows.sort(key=lambda r: r["Image Index"])
+    if limit is not None:
+        pos = [r for r in rows if "Pneumonia" in r["Finding Labels"].split("|")]
+        neg = [r for r in rows if "Pneumonia" not in r["Finding Labels"].split("|")]
+        n_pos = min(len(pos), max(4, limit // 3))
+        rows = pos[:n_pos] + neg[: limit - n_pos]
+    labels = np.zeros((len(rows), len(XRV_LABELS)), np.float32)
+    for i, r in enumerate(rows):
+        for finding in r["Finding Labels"].split("|"):
+            if finding == "No Finding":
+                continue
+            if finding not in NIH_FINDINGS:
+                raise ValueError(f"labels.csv: unknown finding {finding!r} for {r['Image Index']}")
+            labels[i, XRV_LABELS.index(finding)] = 1.0
+        if not (Path(data_dir) / "images" / r["Image Index"]).is_file():
+            raise FileNotFoundError(Path(data_dir) / "images" / r["Image Index"])
+    mask = np.array([lab in NIH_FINDINGS for lab in XRV_LABELS])
+    return _Records([r["Image Index"] for r in rows], [r["Patient ID"] for r in rows], labels, mask)
+
+
+def split_by_patient(
+    patient_ids: Sequence[str], positive: Sequence[bool], test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, list[str]]:
+    """Split patients into ``train``/``val``/``test``, stratified on whether a
+    patient has any positive image (scikit-learn ``train_test_split``).
+
+    Returns split name -> sorted patient ids; every patient is in exactly one.
+    """
+    patients = sorted(set(patient_ids))
+    pos = {p: False for p in patients}
+    for p, y in zip(patient_ids, positive):
+        pos[p] = pos[p] or bool(y)
+    strat = [pos[p] for p in patients]
+    rest, test = train_test_split(patients, test_size=test_fraction, stratify=strat, random_state=seed)
+    strat_rest = [pos[p] for p in rest]
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), stratify=strat_rest, random_state=seed + 1
+    )
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (scikit-learn). Raises ValueError when ``y``
+    has a single class."""
+    y = np.asarray(y)
+    if y.min() == y.max():
+        raise ValueError(f"AUROC undefined: all {len(y)} labels are {y.flat[0]}")
+    return float(roc_auc_score(y, score))
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y: np.ndarray,
+    score: np.ndarray,
+    groups: Sequence[str],
+    n_resamples: int,
+    seed: int,
+) -> tuple[float, float, int]:
+    """95 % percentile bootstrap interval of ``metric(y, score)``, resampling
+    groups (patients) with replacement and keeping all their images.
+
+    Resamples where the metric is undefined (one class only) are skipped.
+
+    Returns
+    -------
+    ``(low, high, n_valid_resamples)``.
+    """
+    groups = np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        try:
+            values.append(metric(y[idx], score[idx]))
+        except ValueError:
+            continue
+    if not values:
+        raise ValueError("bootstrap: the metric was undefined in every resample")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high), len(values)
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> tuple[float, float, float]:
+    """Threshold maximising sensitivity + specificity - 1 (Youden 1950).
+
+    Returns ``(threshold, sensitivity, specificity)``; a score at or above the
+    threshold is called positive.
+    """
+    fpr, tpr, thr = roc_curve(y, score)
+    finite = np.isfinite(thr)
+    j = np.where(finite, tpr - fpr, -np.inf)
+    k = int(np.argmax(j))
+    return float(min(thr[k], 1.0)), float(tpr[k]), float(1 - fpr[k])
+
+
+def _sens(y: np.ndarray, s: np.ndarray, t: float) -> float:
+    if y.sum() == 0:
+        raise ValueError("no positives")
+    return float((s[y == 1] >= t).mean())
+
+
+def _spec(y: np.ndarray, s: np.ndarray, t: float) -> float:
+    if (y == 0).sum() == 0:
+        raise ValueError("no negatives")
+    return float((s[y == 0] < t).mean())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _augmenter(size: int, seed: int):
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrast,
+        RandAffine,
+        RandGaussianNoise,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
+
+    # Small geometric changes only: radiographs are acquired upright, and
+    # left-right flips would put the heart on the wrong side.
+    aug = Compose(
+        [
+            RandAffine(
+                prob=0.9,
+                rotate_range=(math.radians(8),),
+                scale_range=(0.1, 0.1),
+                translate_range=(0.06 * size, 0.06 * size),
+                padding_mode="zeros",
+                mode="bilinear",
+            ),
+            RandAdjustContrast(prob=0.5, gamma=(0.75, 1.4)),
+            RandScaleIntensity(factors=0.1, prob=0.5),
+            RandShiftIntensity(offsets=0.05, prob=0.5),
+            RandGaussianNoise(prob=0.2, std=0.01),
+        ]
+    )
+    aug.set_random_state(seed=seed)
+    return aug
+
+
+def _predict(model: torch.nn.Module, x: np.ndarray, pre: CxrPreprocessor, batch: int = 32) -> np.ndarray:
+    """Sigmoid outputs ``(N, 18)`` for prepared images ``(N, H, W)`` in [0, 1]."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(np.stack([pre.to_network_input(im) for im in x[i : i + batch]]))
+            out.append(torch.sigmoid(model(xb)).numpy())
+    return np.concatenate(out)
+
+
+def _mean_auroc(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> float:
+    vals = [auroc(y[:, j], p[:, j]) for j in np.flatnonzero(mask) if 0 < y[:, j].sum() < len(y)]
+    if not vals:
+        raise ValueError("mean AUROC undefined: no finding has both classes")
+    return float(np.mean(vals))
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_pneumonia(config: TrainConfig) -> TrainResult:
+    """Train, evaluate and write the demonstration weights and model card.
+
+    Parameters
+    ----------
+    config:
+        See :class:`TrainConfig`.
+
+    Returns
+    -------
+    :class:`TrainResult` with the card (``out_dir/cards/<name>.json``), the
+    weights (``out_dir/weights/<name>.pt``, float16 state dict in
+    torchvision naming) and the measured metrics.
+
+    Raises
+    ------
+    FileNotFoundError
+        The data folder, ``labels.csv`` or an image is missing.
+    ValueError
+        A split has no pneumonia positive (AUROC undefined).
+    """
+    t_start = time.monotonic()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    data_dir = Path(config.data_dir)
+    if not (data_dir / "labels.csv").is_file():
+        raise FileNotFoundError(f"{data_dir / 'labels.csv'} not found (expected the cxr14 folder of ../shared/data)")
+
+    rec = read_labels(data_dir, config.limit)
+    y_all = rec.labels
+    pneu = y_all[:, PNEUMONIA_INDEX]
+    splits = split_by_patient(rec.patient_ids, pneu > 0, config.test_fraction, config.val_fraction, config.seed)
+    split_of = {p: s for s, ps in splits.items() for p in ps}
+    idx = {s: np.array([i for i, p in enumerate(rec.patient_ids) if split_of[p] == s]) for s in splits}
+    for s, ii in idx.items():
+        log.info("split %s: %d images, %d patients, %d pneumonia", s, len(ii), len(splits[s]), int(pneu[ii].sum()))
+
+    spec = InputSpec(size=(config.size, config.size), clahe=config.clahe)
+    pre = CxrPreprocessor(spec)
+    t0 = time.monotonic()
+    images = np.stack([pre.prepare(png_to_image(data_dir / "images" / name)).image for name in rec.image_ids])
+    log.info("prepared %d images at %dx%d in %.1f s", len(images), config.size, config.size, time.monotonic() - t0)
+
+    tr = idx["train"]
+    n_pos = y_all[tr].sum(0)
+    n_neg = len(tr) - n_pos
+    # Class weighting: positives of rare findings count up to 30x.
+    pos_weight = torch.from_numpy(np.clip(n_neg / np.maximum(n_pos, 1), 1.0, 30.0).astype(np.float32))
+    label_mask = torch.from_numpy((rec.label_mask & (n_pos > 0)).astype(np.float32))
+
+    model = XRVDenseNet121(in_channels=1, out_channels=len(XRV_LABELS))
+    aug = _augmenter(config.size, config.seed)
+
+    def multitask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=pos_weight, reduction="none"
+        )
+        return (per * label_mask).sum(1).mean() / label_mask.sum()
+
+    def pneumonia_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[:, PNEUMONIA_INDEX], target[:, PNEUMONIA_INDEX], pos_weight=pos_weight[PNEUMONIA_INDEX]
+        )
+
+    def run_epoch(opt: torch.optim.Optimizer, stage: int) -> float:
+        model.train()
+        order = rng.permutation(tr)
+        total, n = 0.0, 0
+        for i in range(0, len(order), config.batch_size):
+            b = order[i : i + config.batch_size]
+            if len(b) < 2:  # BatchNorm needs more than one sample
+                continue
+            xb = np.stack(
+                [pre.to_network_input(np.clip(np.asarray(aug(images[j][None]))[0], 0, 1)) for j in b]
+            )
+            xb_t = torch.from_numpy(xb.astype(np.float32))
+            yb = torch.from_numpy(y_all[b])
+            logits = model(xb_t)
+            if stage == 1:
+                loss = multitask_loss(logits, yb)
+            else:
+                loss = pneumonia_loss(logits, yb) + config.stage2_aux_weight * multitask_loss(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            n += len(b)
+        return total / max(n, 1)
+
+    def validate() -> dict[str, float]:
+        p = _predict(model, images[idx["val"]], pre)
+        yv = y_all[idx["val"]]
+        return {
+            "val_auroc_pneumonia": auroc(yv[:, PNEUMONIA_INDEX], p[:, PNEUMONIA_INDEX]),
+            "val_mean_auroc": _mean_auroc(yv, p, rec.label_mask),
+        }
+
+    history: list[dict] = []
+    budget_end = t_start + config.time_budget_s
+    stage1_end = t_start + config.stage1_share * config.time_budget_s
+
+    def stage(
+        number: int, lr: float, max_epochs: int, key: str, deadline: float, start_state: dict | None
+    ) -> tuple[dict, dict]:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=2)
+        best_state, best = start_state, None
+        if start_state is not None:
+            best = validate()
+            best["epoch"] = 0
+            log.info("stage %d start: %s", number, best)
+        since = 0
+        epoch_times: list[float] = []
+        for epoch in range(1, max_epochs + 1):
+            if epoch_times and time.monotonic() + np.mean(epoch_times) > deadline:
+                log.info("stage %d: time budget reached after %d epochs", number, epoch - 1)
+                break
+            te = time.monotonic()
+            loss = run_epoch(opt, number)
+            metrics = validate()
+            epoch_times.append(time.monotonic() - te)
+            sched.step(metrics[key])
+            row = {"stage": number, "epoch": epoch, "loss": loss, **metrics, "lr": opt.param_groups[0]["lr"],
+                   "seconds": epoch_times[-1]}
+            history.append(row)
+            improved = best is None or metrics[key] > best[key]
+            log.info("%s%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                     "  *" if improved else "")
+            if improved:
+                best_state, best, since = _state(model), {**metrics, "epoch": epoch}, 0
+            else:
+                since += 1
+                if since >= config.patience:
+                    log.info("stage %d: early stop, no gain in %s for %d epochs", number, key, since)
+                    break
+        model.load_state_dict(best_state)
+        return best_state, best
+
+    state1, best1 = stage(1, config.lr_stage1, config.max_epochs_stage1, "val_mean_auroc", stage1_end, None)
+    log.info("stage 1 best: %s", best1)
+    if config.max_epochs_stage2 > 0:
+        _, best2 = stage(2, config.lr_stage2, config.max_epochs_stage2, "val_auroc_pneumonia", budget_end, state1)
+    else:
+        best2 = {**validate(), "epoch": 0}
+    log.info("stage 2 best: %s", best2)
+    train_time = time.monotonic() - t_start
+
+    # Final evaluation: operating point on validation, then the test split once.
+    p_val = _predict(model, images[idx["val"]], pre)[:, PNEUMONIA_INDEX]
+    p_test_all = _predict(model, images[idx["test"]], pre)
+    p_test = p_test_all[:, PNEUMONIA_INDEX]
+    y_val = y_all[idx["val"], PNEUMONIA_INDEX]
+    y_test = y_all[idx["test"], PNEUMONIA_INDEX]
+    g_val = [rec.patient_ids[i] for i in idx["val"]]
+    g_test = [rec.patient_ids[i] for i in idx["test"]]
+    thr, sens_v, spec_v = youden_threshold(y_val, p_val)
+    ci = f"95 % percentile bootstrap, {config.bootstrap} resamples of patients (one image per patient here)"
+    dataset = "NIH ChestX-ray14 starter set (jrzech/reproduce-chexnet), 256x256 PNG"
+
+    def metric(name: str, fn, y, s, groups, split: str, positives: bool = True) -> Metric:
+        value = fn(y, s)
+        low, high, _ = bootstrap_ci(fn, y, s, groups, config.bootstrap, config.seed)
+        # a percentile interval can miss a degenerate point estimate by rounding only
+        low, high = min(low, value), max(high, value)
+        return Metric(name=name, value=round(value, 4), ci95_low=round(low, 4), ci95_high=round(high, 4),
+                      dataset=dataset, split=split, n=len(y), n_positive=int(np.sum(y)) if positives else None,
+                      ci_method=ci)
+
+    test_split = f"held-out test split ({config.test_fraction:.0%} of patients, stratified on pneumonia), used once"
+    metrics = [
+        metric("AUROC Pneumonia", auroc, y_test, p_test, g_test, test_split),
+        metric("AUROC Pneumonia", auroc, y_val, p_val, g_val,
+               "validation split (used for early stopping and checkpoint selection: optimistic)"),
+        metric("Sensitivity Pneumonia at operating point", lambda y, s: _sens(y, s, thr), y_test, p_test, g_test,
+               test_split),
+        metric("Specificity Pneumonia at operating point", lambda y, s: _spec(y, s, thr), y_test, p_test, g_test,
+               test_split),
+        metric("Mean AUROC over NIH findings", lambda y, s: _mean_auroc(y, s, rec.label_mask),
+               y_all[idx["test"]], p_test_all, g_test, test_split + "; findings with positives in the split",
+               positives=False),
+    ]
+    for m in metrics:
+        log.info("%s [%s]: %.4f (95%% CI %.4f-%.4f), n=%d, positives=%s", m.name, m.split[:40], m.value,
+                 m.ci95_low, m.ci95_high, m.n, m.n_positive)
+
+    # Weights: float16 storage halves the file (~14 MB); the registry casts to float32.
+    out = Path(config.out_dir)
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    (out / "cards").mkdir(parents=True, exist_ok=True)
+    weights_path = out / "weights" / f"{config.name}.pt"
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save(sd, weights_path)
+    sha = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+
+    wall = time.monotonic() - t_start
+    positives = {s: int(pneu[ii].sum()) for s, ii in idx.items()}
+    card = ModelCard(
+        name=config.name,
+        version=config.version,
+        task="classification",
+        description=(
+            "DenseNet-121 (torchxrayvision layout, 18 outputs) trained from scratch on a few hundred NIH "
+            "ChestX-ray14 images to flag pneumonia on frontal chest radiographs, with a Grad-CAM map of the "
+            "pneumonia output. DEMONSTRATION WEIGHTS: NOT FOR DIAGNOSIS."
+        ),
+        architecture=Architecture(name="xrv-densenet121", params={"in_channels": 1, "out_channels": 18}),
+        input=spec,
+        output=OutputSpec(
+            labels=[lab if lab in NIH_FINDINGS else "" for lab in XRV_LABELS], target="Pneumonia", op_norm=False
+        ),
+        operating_point=OperatingPoint(
+            threshold=round(thr, 6),
+            method="Youden's J (max sensitivity + specificity - 1) on the validation split",
+            sensitivity=round(sens_v, 4),
+            specificity=round(spec_v, 4),
+            dataset="validation split",
+        ),
+        weights=Weights(format="state_dict", path=f"../weights/{weights_path.name}", sha256=sha, dtype="float16"),
+        licence=Licence(
+            spdx="Apache-2.0",
+            notes="Weights trained in this project. Training images: NIH ChestX-ray14 (public, NIH Clinical "
+            "Center terms: cite the dataset, no re-identification) via jrzech/reproduce-chexnet (BSD-3-Clause).",
+        ),
+        intended_use=(
+            "Demonstration and integration testing of the dicom-ai-node pneumonia pipeline only. Demonstration "
+            f"weights, not for diagnosis: trained on {len(idx['train'])} images ({positives['train']} with "
+            "pneumonia) at low resolution; the measured AUROC has a wide interval and is far below published models. "
+            "For real use import torchxrayvision's densenet121-res224-rsna weights (see models/cards/README.md)."
+        ),
+        demonstration_only=True,
+        training_data=TrainingData(
+            description=f"{len(rec.image_ids)} frontal chest radiographs (PA and AP), one per patient, with the 14 "
+            "NIH finding labels; 'No Finding' means none of them.",
+            sources=[DATA_SOURCE],
+            licence="NIH ChestX-ray14: public (NIH Clinical Center); starter set: BSD-3-Clause",
+            n_images=len(rec.image_ids),
+            split=DataSplit(
+                method="by patient (Patient ID), stratified on patient-level pneumonia, scikit-learn "
+                f"train_test_split: test {config.test_fraction:.0%}, validation {config.val_fraction:.0%} of "
+                "patients, the rest training",
+                seed=config.seed,
+                counts={s: len(ii) for s, ii in idx.items()},
+                positives=positives,
+                members={"test": splits["test"], "val": splits["val"]},
+            ),
+        ),
+        training=TrainingRun(
+            command=config.command or "train_pneumonia(...)",
+            wall_time_s=round(wall, 1),
+            date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            hardware=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
+            software=_versions(),
+            hyperparameters={
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+                   if k not in ("data_dir", "out_dir", "command", "name", "version")},
+                "stage1_best_epoch": best1["epoch"],
+                "stage2_best_epoch": best2["epoch"],
+                "epochs_run": len(history),
+                "augmentation": "MONAI RandAffine (rotate 8 deg, scale 10 %, translate 6 %), RandAdjustContrast "
+                "(gamma 0.75-1.4), RandScaleIntensity 10 %, RandShiftIntensity 0.05, RandGaussianNoise 0.01",
+                "loss": "stage 1: BCE over the 14 NIH findings with pos_weight = neg/pos clipped to [1, 30]; "
+                f"stage 2: pneumonia BCE (pos_weight) + {config.stage2_aux_weight} x stage-1 loss",
+            },
+            notes="Stage 1 (multi-task) kept the best validation mean AUROC over the findings; stage 2 "
+            "(pneumonia fine-tuning) kept the best validation pneumonia AUROC.",
+        ),
+        metrics=metrics,
+        references=[
+            "Huang G et al. Densely Connected Convolutional Networks. CVPR 2017. arXiv:1608.06993",
+            "Wang X et al. ChestX-ray8: Hospital-scale chest X-ray database and benchmarks. CVPR 2017. "
+            "arXiv:1705.02315",
+            "Rajpurkar P et al. CheXNet. 2017. arXiv:1711.05225 (pneumonia AUROC 0.768 on ChestX-ray14)",
+            "Zech J. reproduce-chexnet. github.com/jrzech/reproduce-chexnet (pneumonia AUROC 0.762)",
+            "Cohen JP et al. TorchXRayVision. MIDL 2022. arXiv:2111.00595",
+            "Selvaraju RR et al. Grad-CAM. ICCV 2017. arXiv:1610.02391",
+        ],
+    )
+    card_path = out / "cards" / f"{config.name}.json"
+    card.to_file(card_path)
+    (out / "cards" / f"{config.name}.md").write_text(render_card_markdown(card), encoding="utf-8")
+    log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
+             card_path, wall)
+    return TrainResult(card_path, weights_path, card, wall, history)
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import skimage
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "scikit-image": skimage.__version__,
+    }
+
+
+def render_card_markdown(card: ModelCard) -> str:
+    """A short human-readable model card generated from the JSON card."""
+    lines = [
+        f"# {card.name} {card.version}",
+        "",
+        "**Demonstration weights: not for diagnosis.**" if card.demonstration_only else "",
+        "",
+        card.description,
+        "",
+        "## Intended use",
+        "",
+        card.intended_use,
+        "",
+        "## Model",
+        "",
+        f"- Architecture: `{card.architecture.name}` {card.architecture.params}, weights "
+        f"`{card.weights.path}` ({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",
+        f"- Input: {card.input.size[0]}x{card.input.size[1]}, {card.input.channels} channel, modalities "
+        f"{', '.join(card.input.modalities)}; isotropic resampling {card.input.isotropic_resampling}, pad to square "
+        f"{card.input.pad_to_square}, CLAHE {card.input.clahe} (clip {card.input.clahe_clip_limit}), intensity "
+        f"{card.input.intensity_range}.",
+        f"- Output: sigmoid probability of `{card.output.target}` (output {card.output.target_index}), "
+        f"op_norm {card.output.op_norm}.",
+    ]
+    if card.operating_point:
+        op = card.operating_point
+        lines.append(f"- Operating point: {op.threshold:.4g} ({op.method}; sensitivity {op.sensitivity}, "
+                     f"specificity {op.specificity} there).")
+    lines += ["", "## Measured performance", "", "| metric | value | 95 % CI | n (positives) | split |",
+              "|---|---|---|---|---|"]
+    for m in card.metrics:
+        ci = f"{m.ci95_low:.3f}-{m.ci95_high:.3f}" if m.ci95_low is not None else ""
+        n = f"{m.n} ({m.n_positive})" if m.n_positive is not None else f"{m.n}"
+        lines.append(f"| {m.name} | {m.value:.3f} | {ci} | {n} | {m.split} |")
+    if card.metrics and card.metrics[0].ci_method:
+        lines += ["", f"Intervals: {card.metrics[0].ci_method}."]
+    td = card.training_data
+    lines += ["", "## Training data", "", td.description, ""] + [f"- {s}" for s in td.sources]
+    if td.split:
+        lines += ["", f"Split: {td.split.method}; seed {td.split.seed}; images {td.split.counts}; pneumonia "
+                  f"positives {td.split.positives}. The test and validation patient ids are in the JSON card."]
+    if card.training:
+        lines += ["", "## Training run", "", f"`{card.training.command}`", "",
+                  f"Wall time {card.training.wall_time_s:.0f} s on {card.training.hardware}; {card.training.date}.",
+                  "", card.training.notes or ""]
+    lines += ["", "## Licence", "", f"{card.licence.spdx}. {card.licence.notes or ''}", "", "## References", ""]
+    lines += [f"- {r}" for r in card.references]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; see ``--help``."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.pneumonia.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="cxr14 folder (labels.csv, images/)")
+    parser.add_argument("--out", type=Path, required=True, help="model root: writes weights/ and cards/ under it")
+    parser.add_argument("--name", default=TrainConfig.name)
+    parser.add_argument("--version", default=TrainConfig.version)
+    parser.add_argument("--size", type=int, default=TrainConfig.size)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--budget-min", type=float, default=TrainConfig.time_budget_s / 60)
+    parser.add_argument("--bootstrap", type=int, default=TrainConfig.bootstrap)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="use only N images (smoke runs)")
+    parser.add_argument("--log-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if args.log_file:
+        handlers.append(logging.FileHandler(args.log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    command = "python -m pipelines.pneumonia.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    config = TrainConfig(
+        data_dir=args.data, out_dir=args.out, name=args.name, version=args.version, size=args.size, seed=args.seed,
+        time_budget_s=args.budget_min * 60, bootstrap=args.bootstrap, threads=args.threads, limit=args.limit,
+        command=command,
+    )
+    train_pneumonia(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
