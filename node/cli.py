@@ -271,5 +271,18 @@ def models_list(config: ConfigOpt = None) -> None:
         typer.echo(f"{name}  v{card.version}  {card.task}{demo}")
 
 
+@models_app.command("import-xrv")
+def models_import_xrv(
+    src: Annotated[Path, typer.Argument(help="torchxrayvision's densenet121-res224-rsna weight file (.pt).")],
+    out: Annotated[Path, typer.Option(help="Card folder to write to (list it in [models] card_dirs).")],
+    name: Annotated[str, typer.Option(help="Card name.")] = "xrv-densenet121-res224-rsna",
+) -> None:
+    """Convert the published torchxrayvision RSNA weights into a state dict + model card, offline."""
+    from models.xrv_import import import_xrv_weights
+
+    card = import_xrv_weights(src, out, name=name)
+    typer.echo(f"wrote {card}; set [models] card_dirs = [\"{out}\"] and [pipelines.pneumonia] model = \"{name}\"")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
