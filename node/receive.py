@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from pydicom import uid
 from pydicom.uid import AllTransferSyntaxes, UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -40,12 +41,29 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+_LOSSLESS = {
+    uid.RLELossless,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEG2000Lossless,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+}
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def accepted_transfer_syntaxes() -> list[str]:
     """Transfer syntaxes whose pixel data pydicom can decode here (installed
-    plugins included), uncompressed ones first so they are preferred."""
+    plugins included).
+
+    pynetdicom accepts, for each proposed context, the first syntax of this
+    list that the requestor proposed. Compressed syntaxes come first: a
+    sender that offers one usually holds its data that way and may be unable
+    to transcode (dcmtk's storescu fails "unable to convert" when a JPEG file
+    must go out uncompressed). Lossless before lossy, so a sender that offers
+    both for uncompressed data is never pushed into lossy compression.
+    """
     from pydicom.pixels.decoders.base import get_decoder
 
     out = []
@@ -55,7 +73,8 @@ def accepted_transfer_syntaxes() -> list[str]:
                 out.append(str(ts))
         except NotImplementedError:
             continue
-    out.sort(key=lambda ts: UID(ts).is_compressed)
+    native = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
+    out.sort(key=lambda ts: (not UID(ts).is_compressed, ts not in _LOSSLESS, native.index(ts) if ts in native else 9))
     return out
 
 

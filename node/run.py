@@ -108,6 +108,19 @@ class Runner:
     def wake(self) -> None:
         self._wake.set()
 
+    def warm_up(self, names: list[str]) -> None:
+        """Load these pipelines (and their models) now, so the first job does
+        not pay for it. A pipeline that cannot load is logged; its jobs will
+        fail with the same reason."""
+        for name in names:
+            t = time.perf_counter()
+            try:
+                self.pipelines.get(name)
+            except Exception as exc:
+                self.log.error("pipeline_unavailable", pipeline=name, error=f"{type(exc).__name__}: {exc}")
+                continue
+            self.log.info("pipeline_ready", pipeline=name, seconds=round(time.perf_counter() - t, 3))
+
     def start(self) -> None:
         if self.config.worker.torch_threads:
             import torch

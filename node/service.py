@@ -91,6 +91,8 @@ class Node:
         self.recover()
         self.dispatcher.start()
         self.runner.start()
+        pipelines = sorted({r.pipeline for r in self.config.routes})
+        threading.Thread(target=self.runner.warm_up, args=(pipelines,), name="warm-up", daemon=True).start()
         self._sweep_job = self.scheduler.add_job(
             self.sweep.sweep,
             "interval",

@@ -135,13 +135,33 @@ class Orthanc:
         return r.content
 
 
+# storescu proposes only uncompressed syntaxes unless told which compressed
+# one to offer; a modality holding compressed images offers theirs.
+_STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG Extended
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE
+    "1.2.840.10008.1.2.1.99": "-xd",  # Deflated
+}
+
+
 def storescu(files: list[Path], port: int, called_aet: str, calling_aet: str = "STORESCU", host: str = "127.0.0.1") -> subprocess.CompletedProcess:
-    """Send ``files`` with dcmtk's storescu on one association.
+    """Send ``files`` with dcmtk's storescu on one association, proposing the
+    files' own (compressed) transfer syntax where they have one.
 
     TCP_NODELAY=1: without it Nagle's algorithm adds ~40 ms an instance.
     """
+    import pydicom
+
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = ["storescu", "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, files)]
+    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    flags = sorted({_STORESCU_PROPOSE[ts] for ts in syntaxes if ts in _STORESCU_PROPOSE})
+    if len(flags) > 1:
+        raise ValueError(f"storescu proposes one compressed syntax per run; got files in {sorted(syntaxes)}")
+    cmd = ["storescu", *flags, "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, files)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -98,10 +98,9 @@ def check_results(orthanc, source: Path) -> dict:
     sr = hd.sr.srread(BytesIO(orthanc.file(found["SR"][0])))
     assert sr.StudyInstanceUID == src.StudyInstanceUID
     assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription.upper()
-    groups = sr.content.get_planar_roi_measurement_groups()
-    assert groups, "TID 1500 planar ROI measurement group missing"
-    measurements = groups[0].get_measurements()
-    probability = [m for m in measurements if "probab" in m.name.meaning.lower()]
+    assert sr.content.get_planar_roi_measurement_groups(), "TID 1410 group referencing the SEG segment missing"
+    [image_group] = sr.content.get_image_measurement_groups()  # TID 1501
+    probability = [m for m in image_group.get_measurements() if m.name.meaning == "Probability"]
     assert probability and 0.0 <= probability[0].value <= 1.0
     evidence = {
         item.ReferencedSOPInstanceUID
@@ -141,6 +140,8 @@ def node_for(tmp_path, orthanc):
 def test_radiograph_in_sr_and_seg_back(request, case, kind, orthanc, node_for, dcmtk):
     source: Path = request.getfixturevalue(case)
     node, ports = node_for(kind)
+    # Steady state: the model is loaded at start-up, before any study arrives.
+    wait_for(lambda: any(e.get("event") == "pipeline_ready" for e in node.log_lines()), 60, what="pipeline warm-up")
     sent = storescu([source], ports["node"], "AINODE")
     assert sent.returncode == 0, sent.stderr
     t_received = time.monotonic()
