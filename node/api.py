@@ -99,5 +99,7 @@ class ApiServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever(): only if it runs
+            self.server.shutdown()
+            self._thread = None
         self.server.server_close()
