@@ -2,7 +2,7 @@
 
 Test load (DESIGN.md, "Measured anchors"): 300 CT instances of 512x512
 (~157 MB), sent by dcmtk ``storescu`` on one association with
-``TCP_NODELAY=1``. Each receiver runs on a free loopback port in a temporary
+``TCP_NODELAY=1`` (given to every dcmtk-based peer, Orthanc included). Each receiver runs on a free loopback port in a temporary
 folder; the wall time of the whole ``storescu`` run is measured.
 
 Prints one JSON object. Usage::
@@ -69,7 +69,8 @@ def bench_storescp(files, workdir: Path) -> float:
     port = free_port()
     out = workdir / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], stderr=subprocess.DEVNULL)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], stderr=subprocess.DEVNULL, env=env)
     try:
         wait_for(lambda: subprocess.run(["echoscu", "-aec", "STORESCP", "127.0.0.1", str(port)], capture_output=True).returncode == 0, 10)
         return send(files, port, "STORESCP")
@@ -79,6 +80,7 @@ def bench_storescp(files, workdir: Path) -> float:
 
 
 def bench_orthanc(files, workdir: Path) -> float:
+    os.environ["TCP_NODELAY"] = "1"  # Orthanc's DICOM layer is dcmtk's
     pacs = Orthanc(workdir / "orthanc").start()
     try:
         return send(files, pacs.dicom_port, pacs.aet)

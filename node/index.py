@@ -328,53 +328,31 @@ class Index:
 
         Returns False when the SOP Instance UID was already indexed (a
         duplicate: stored once, nothing changes).
+
+        This is the ingest hot path: the common case (a known series still
+        receiving) takes four Core statements in one transaction.
         """
         now = utcnow()
-        with self._write_lock:
+        for _ in range(3):
             try:
-                with self._session.begin() as s:
-                    if s.get(Instance, rec.sop_instance_uid) is not None:
-                        return False
-                    study = s.get(Study, rec.study_uid)
-                    if study is None:
-                        s.add(
-                            Study(
-                                study_uid=rec.study_uid,
-                                patient_id=rec.patient_id,
-                                accession_number=(rec.accession_number or None),
-                                first_received_at=now,
-                                last_received_at=now,
-                            )
+                with self._write_lock, self.engine.begin() as c:
+                    touched = c.execute(
+                        update(Series)
+                        .where(Series.series_uid == rec.series_uid, Series.state == "receiving")
+                        .values(
+                            instance_count=Series.instance_count + 1,
+                            last_received_at=now,
+                            last_association_id=rec.association_id,
+                            released=False,
                         )
+                    ).rowcount
+                    if touched:
+                        c.execute(update(Study).where(Study.study_uid == rec.study_uid).values(last_received_at=now))
                     else:
-                        study.last_received_at = now
-                    series = s.get(Series, rec.series_uid)
-                    if series is None:
-                        series = Series(
-                            series_uid=rec.series_uid,
-                            study_uid=rec.study_uid,
-                            modality=rec.modality,
-                            series_description=(rec.series_description or "")[:64],
-                            sop_class_uid=rec.sop_class_uid,
-                            instance_count=0,
-                            first_received_at=now,
-                            state="receiving",
-                            state_changed_at=now,
-                        )
-                        s.add(series)
-                        s.flush()
-                        self._transition(s, "series", rec.series_uid, None, "receiving", "first instance")
-                    elif series.state != "receiving":
-                        # New content for a finished series: process it again.
-                        self._transition(s, "series", rec.series_uid, series.state, "receiving", "new instance")
-                        series.state = "receiving"
-                        series.state_changed_at = now
-                    series.instance_count += 1
-                    series.last_received_at = now
-                    series.last_association_id = rec.association_id
-                    series.released = False
-                    s.add(
-                        Instance(
+                        self._new_or_reopened_series(c, rec, now)
+                    # Last: a duplicate SOP Instance UID fails here and rolls back the counts.
+                    c.execute(
+                        Instance.__table__.insert().values(
                             sop_instance_uid=rec.sop_instance_uid,
                             series_uid=rec.series_uid,
                             study_uid=rec.study_uid,
@@ -390,14 +368,64 @@ class Index:
                         )
                     )
                     if rec.association_id:
-                        s.execute(
+                        c.execute(
                             update(Association)
                             .where(Association.id == rec.association_id)
                             .values(instances=Association.instances + 1)
                         )
+                return True
             except IntegrityError:
-                return False  # a concurrent association stored the same instance
-        return True
+                if self.has_instance(rec.sop_instance_uid):
+                    return False
+                # Another association created the same study or series first
+                # (PostgreSQL runs writers concurrently): try again.
+        raise RuntimeError(f"could not index {rec.sop_instance_uid} after 3 attempts")
+
+    def _new_or_reopened_series(self, c, rec: InstanceRecord, now: dt.datetime) -> None:
+        """First instance of a series (and maybe of its study), or new content
+        for a series that was already complete: it is processed again."""
+        if c.execute(update(Study).where(Study.study_uid == rec.study_uid).values(last_received_at=now)).rowcount == 0:
+            c.execute(
+                Study.__table__.insert().values(
+                    study_uid=rec.study_uid,
+                    patient_id=rec.patient_id,
+                    accession_number=rec.accession_number or None,
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+            )
+        old = c.execute(select(Series.state).where(Series.series_uid == rec.series_uid)).scalar()
+        values = dict(
+            state="receiving",
+            state_changed_at=now,
+            last_received_at=now,
+            last_association_id=rec.association_id,
+            released=False,
+        )
+        if old is None:
+            c.execute(
+                Series.__table__.insert().values(
+                    series_uid=rec.series_uid,
+                    study_uid=rec.study_uid,
+                    modality=rec.modality,
+                    series_description=(rec.series_description or "")[:64],
+                    sop_class_uid=rec.sop_class_uid,
+                    instance_count=1,
+                    first_received_at=now,
+                    **values,
+                )
+            )
+            reason = "first instance"
+        else:
+            c.execute(
+                update(Series).where(Series.series_uid == rec.series_uid).values(instance_count=Series.instance_count + 1, **values)
+            )
+            reason = "new instance"
+        c.execute(
+            Transition.__table__.insert().values(
+                entity="series", entity_id=rec.series_uid, from_state=old, to_state="receiving", at=now, reason=reason
+            )
+        )
 
     def missing_paths(self, paths: Iterable[Path]) -> list[Path]:
         """Of ``paths`` (spool files), those with no instance row."""

@@ -31,7 +31,7 @@ from node.index import Index, InstanceRecord
 from node.receive import Receiver
 from node.route import Router
 from node.run import Runner
-from node.spool import Spool, read_header
+from node.spool import INDEX_KEYWORDS, Spool, read_header
 
 
 class Node:
@@ -71,7 +71,7 @@ class Node:
         reindexed = 0
         for path in self.index.missing_paths(self.spool.iter_instances()):
             try:
-                header = read_header(path)
+                header = read_header(path, INDEX_KEYWORDS)
                 self.index.record_instance(InstanceRecord.from_header(header, path, path.stat().st_size))
                 reindexed += 1
             except Exception as exc:

@@ -191,18 +191,37 @@ class Spool:
         return write_durable(self.outbox_path(ds.StudyInstanceUID, ds.SOPInstanceUID), ds, fsync=self.fsync)
 
 
-def read_header(source: Path | bytes) -> Dataset:
+#: What the index records of an instance (receive step).
+INDEX_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "Modality",
+    "SeriesDescription",
+    "PatientID",
+    "AccessionNumber",
+)
+
+
+def read_header(source: Path | bytes, keywords: tuple[str, ...] | None = None) -> Dataset:
     """Parse a DICOM file up to, not including, its pixel data.
 
-    Cheap for large images: the pixel data is never read or decoded.
+    Cheap for large images: the pixel data is never read or decoded. With
+    ``keywords``, only those elements are kept, and their values are decoded
+    here so a malformed one fails now rather than later (pydicom decodes
+    lazily); the receive step reads just :data:`INDEX_KEYWORDS` this way.
 
     Raises
     ------
-    pydicom.errors.InvalidDicomError, ValueError, EOFError
-        The bytes are not a DICOM file.
+    pydicom.errors.InvalidDicomError, ValueError, EOFError, NotImplementedError
+        The bytes are not a DICOM file, or a requested value is malformed.
     """
     fp = BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    for _ in ds:  # pydicom converts values lazily: surface bad ones here
+    if keywords is None:
+        return pydicom.dcmread(fp, stop_before_pixels=True)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(keywords))
+    for _ in ds:  # decode the few kept values now
         pass
     return ds
