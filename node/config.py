@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.datadict import tag_for_keyword
 
+from pipelines.brain_tumour.settings import BrainTumourSettings
 from pipelines.pneumonia.settings import PneumoniaSettings
 
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -287,6 +288,7 @@ class ModelsSection(_Section):
 
 class PipelinesSection(_Section):
     pneumonia: PneumoniaSettings = Field(default_factory=PneumoniaSettings)
+    brain_tumour: BrainTumourSettings = Field(default_factory=BrainTumourSettings)
 
 
 class ApiSection(_Section):

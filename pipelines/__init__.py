@@ -10,6 +10,7 @@ import importlib
 
 PIPELINES: dict[str, str] = {
     "pneumonia": "pipelines.pneumonia.pipeline:PneumoniaPipeline",
+    "brain_tumour": "pipelines.brain_tumour.pipeline:BrainTumourPipeline",
 }
 
 

@@ -32,14 +32,33 @@ class Study:
     series:
         Series Instance UID (0020,000E) -> datasets of that series, pixel data
         included, sorted by Instance Number where present.
+    roles:
+        For study-level pipelines: sequence role (e.g. ``"T1c"``, ``"FLAIR"``)
+        -> Series Instance UID, as the node's sequence rules decided.
     """
+
+    def role(self, name: str) -> Sequence[Dataset]:
+        """The datasets of the series that fills ``name``.
+
+        Raises
+        ------
+        PipelineInputError
+            No series fills that role.
+        """
+        if name not in self.roles:
+            raise PipelineInputError(f"no {name} series in study {self.study_instance_uid}")
+        return self.series[self.roles[name]]
 
     study_instance_uid: str
     series: Mapping[str, Sequence[Dataset]]
+    roles: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.series:
             raise ValueError("Study.series is empty: a study needs at least one series")
+        for role, series_uid in self.roles.items():
+            if series_uid not in self.series:
+                raise ValueError(f"Study.roles[{role!r}] names series {series_uid!r}, which is not in Study.series")
         for series_uid, datasets in self.series.items():
             if not datasets:
                 raise ValueError(f"Study.series[{series_uid!r}] holds no datasets")
