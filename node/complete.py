@@ -13,18 +13,24 @@ either of these holds (``[completion]``):
 An association that aborts does not complete anything: the sender may retry.
 The sweep runs every ``sweep_interval_seconds`` (apscheduler) and at once after
 each release. It also deletes unmatched series after their retention time.
+
+Study-level rules (the brain MRI needs T1, T1c, T2 and FLAIR) add a second
+stage: a study is complete when every required sequence role is filled by a
+complete series, no series of the study is still arriving, and the study has
+been quiet for ``study_idle_seconds``. If a role is still missing
+``force_complete_seconds`` after the study's last instance, its job fails with
+a reason naming the missing sequences, and nothing runs on the partial study.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
-
 import structlog
 
 from node.config import CompletionSection
 from node.index import Index, utcnow
+from node.route import Router
 from node.spool import Spool
 
 
@@ -37,21 +43,15 @@ class CompletionSweep:
         The ``[completion]`` section.
     index, spool:
         State to read and update; the spool for retention clean-up.
-    on_complete:
-        Called with each series UID that became complete (the route step).
+    router:
+        The route step: complete series and studies are handed to it.
     """
 
-    def __init__(
-        self,
-        settings: CompletionSection,
-        index: Index,
-        spool: Spool,
-        on_complete: Callable[[str], None],
-    ):
+    def __init__(self, settings: CompletionSection, index: Index, spool: Spool, router: Router):
         self.settings = settings
         self.index = index
         self.spool = spool
-        self.on_complete = on_complete
+        self.router = router
         self.log = structlog.get_logger("node.complete")
         self._lock = threading.Lock()  # one sweep at a time, scheduled or triggered
 
@@ -77,12 +77,40 @@ class CompletionSweep:
                     )
                     done.append(series_uid)
                     try:
-                        self.on_complete(series_uid)
+                        self.router.route_series(series_uid)
                     except Exception:
                         # The series stays 'complete'; routing is retried on restart.
                         self.log.exception("route_failed", series_uid=series_uid)
+            self._complete_studies(now)
             self._purge_unmatched(now)
         return done
+
+    def _complete_studies(self, now: dt.datetime) -> None:
+        for assembly in self.index.assemblies("receiving"):
+            study_uid, route = assembly.study_uid, assembly.route
+            rule = self.router.study_routes.get(route)
+            if rule is None:
+                self.index.set_assembly_state(study_uid, route, "failed", f"route {route!r} is no longer configured")
+                continue
+            by_role, receiving = self.router.candidates(study_uid, rule)
+            missing = [role for role, found in by_role.items() if not found]
+            idle = (now - self.index.study_info(study_uid).last_received_at).total_seconds()
+            if not missing and not receiving and idle >= self.settings.study_idle_seconds:
+                self.index.set_assembly_state(study_uid, route, "complete", f"all of {', '.join(by_role)} complete")
+                self.log.info("study_complete", study_uid=study_uid, route=route, idle_seconds=round(idle, 1))
+                try:
+                    self.router.queue_study(study_uid, route)
+                except Exception:
+                    self.log.exception("route_failed", study_uid=study_uid, route=route)
+            elif idle >= self.settings.force_complete_seconds:
+                reason = (
+                    f"study incomplete {idle:.0f} s after its last instance "
+                    f"(force_complete_seconds={self.settings.force_complete_seconds:g}): "
+                    f"missing {', '.join(missing) or 'none'}"
+                )
+                if receiving:
+                    reason += f"; {len(receiving)} series still arriving"
+                self.router.fail_study(study_uid, route, reason)
 
     def _purge_unmatched(self, now: dt.datetime) -> None:
         cutoff = now - dt.timedelta(hours=self.settings.unmatched_retention_hours)

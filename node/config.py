@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -157,7 +158,9 @@ class CompletionSection(_Section):
     complete_on_release: bool = Field(
         True, description="A series is complete as soon as the association that delivered it is released."
     )
-    study_idle_seconds: float = Field(30.0, ge=0)
+    study_idle_seconds: float = Field(
+        5.0, ge=0, description="Study-level rules wait this long after the study's last instance."
+    )
     force_complete_seconds: float = Field(
         900.0, gt=0, description="A study still incomplete this long after its last instance fails clearly."
     )
@@ -166,35 +169,118 @@ class CompletionSection(_Section):
     )
 
 
-MatchValue = list[str] | str
+class NumericRange(_Section):
+    """A numeric attribute within [min, max] (either bound optional), e.g.
+    ``InversionTime = { min = 1500 }`` (ms)."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NumericRange:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class Presence(_Section):
+    """``{ present = true }``: the attribute has a non-empty value; ``false``: it has none."""
+
+    present: bool
+
+
+MatchValue = list[str] | str | NumericRange | Presence
+
+
+def _check_match(v: dict[str, MatchValue]) -> dict[str, MatchValue]:
+    for keyword, accepted in v.items():
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"{keyword!r} is not a DICOM keyword (PS3.6)")
+        if isinstance(accepted, str):
+            try:
+                re.compile(accepted)
+            except re.error as exc:
+                raise ValueError(f"{keyword}: invalid regular expression {accepted!r}: {exc}") from exc
+    return v
+
+
+Match = Annotated[dict[str, MatchValue], AfterValidator(_check_match)]
 
 
 class RouteRule(_Section):
     """``[[routes]]``: series or studies matching ``match`` go to ``pipeline``.
 
-    ``match`` maps DICOM keywords to either a list of accepted values
-    (case-insensitive; ``""`` accepts an absent or empty attribute) or a
-    regular expression searched case-insensitively.
+    ``match`` maps DICOM keywords to a list of accepted values
+    (case-insensitive; ``""`` accepts an absent or empty attribute), a
+    regular expression searched case-insensitively, a numeric range
+    ``{ min = ..., max = ... }`` or ``{ present = true | false }``.
+
+    ``level = "study"`` rules collect the study's matching series into the
+    sequence roles of ``required_roles`` (recognised by ``[sequences]``) and
+    run once per study when every role is filled by a complete series.
     """
 
     name: str
     pipeline: str
     level: Literal["series", "study"] = "series"
-    match: dict[str, MatchValue] = Field(default_factory=dict)
+    match: Match = Field(default_factory=dict)
+    required_roles: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(min_length=1)
 
-    @field_validator("match")
-    @classmethod
-    def _keywords(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
-        for keyword, accepted in v.items():
-            if tag_for_keyword(keyword) is None:
-                raise ValueError(f"{keyword!r} is not a DICOM keyword (PS3.6)")
-            if isinstance(accepted, str):
-                try:
-                    re.compile(accepted)
-                except re.error as exc:
-                    raise ValueError(f"{keyword}: invalid regular expression {accepted!r}: {exc}") from exc
-        return v
+    @model_validator(mode="after")
+    def _roles(self) -> RouteRule:
+        if self.level == "study" and not self.required_roles:
+            raise ValueError("required_roles: a study-level rule needs the sequence roles it waits for")
+        if self.level == "series" and self.required_roles:
+            raise ValueError("required_roles: only study-level rules have roles")
+        return self
+
+
+def _default_sequences() -> dict[str, list[dict[str, MatchValue]]]:
+    """Sequence recognition for brain MR (role -> alternative rules; a rule
+    matches when all its attributes do). Roles are tried in this order, so a
+    post-contrast FLAIR is FLAIR and a post-contrast T1 is T1c, never T1.
+    Times are in ms (PS3.3 C.8.3.1: Repetition, Echo, Inversion Time)."""
+    not_other = r"^(?!.*(dwi|diff|adc|trace|swi|perf|local|scout|survey|mip|\bmpr\b))"
+    return {
+        "FLAIR": [
+            {"SeriesDescription": not_other + r".*(flair|dark.?fluid|\bt2.?f\b|\bfla\b)"},
+            {"InversionTime": NumericRange(min=1500), "EchoTime": NumericRange(min=60)},
+        ],
+        "T1c": [
+            {"SeriesDescription": not_other + r".*(t1.*(post|\+\s*c\b|\bc\+|gd|gad|contrast|\bce\b)|\bt1c\b|\bt1ce\b)"},
+            {
+                "ContrastBolusAgent": Presence(present=True),
+                "ScanningSequence": ["SE", "IR"],
+                "EchoTime": NumericRange(max=30),
+            },
+        ],
+        "T2": [
+            {"SeriesDescription": not_other + r".*(\bt2\b|t2w|\bt2.?(tse|fse|se)\b)(?!.*(\*|star|flair))"},
+            {
+                "EchoTime": NumericRange(min=60),
+                "RepetitionTime": NumericRange(min=2000),
+                "InversionTime": Presence(present=False),
+            },
+        ],
+        "T1": [
+            {"SeriesDescription": not_other + r".*(\bt1\b|t1w|mprage|spgr|\bt1n\b|\bt1.?(se|tse|fse)\b)"},
+            {  # spin-echo T1
+                "ScanningSequence": ["SE"],
+                "RepetitionTime": NumericRange(max=1000),
+                "EchoTime": NumericRange(max=30),
+                "ContrastBolusAgent": Presence(present=False),
+            },
+            {  # MPRAGE-like: inversion-prepared gradient echo
+                "ScanningSequence": ["IR"],
+                "InversionTime": NumericRange(min=600, max=1300),
+                "EchoTime": NumericRange(max=10),
+                "ContrastBolusAgent": Presence(present=False),
+            },
+        ],
+    }
 
 
 class RetryPolicy(_Section):
@@ -318,6 +404,10 @@ class NodeConfig(BaseSettings):
     storage: StorageSection = Field(default_factory=StorageSection)
     completion: CompletionSection = Field(default_factory=CompletionSection)
     routes: list[RouteRule] = Field(default_factory=list)
+    sequences: dict[str, list[Match]] = Field(
+        default_factory=_default_sequences,
+        description="Sequence role -> alternative rules recognising it; roles are tried in order.",
+    )
     destinations: dict[str, Destination] = Field(default_factory=dict)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     worker: WorkerSection = Field(default_factory=WorkerSection)
@@ -344,6 +434,11 @@ class NodeConfig(BaseSettings):
                 raise ValueError(
                     f"routes[{i}].pipeline: unknown pipeline {route.pipeline!r}; expected one of {sorted(PIPELINES)}"
                 )
+            for role in route.required_roles:
+                if role not in self.sequences:
+                    raise ValueError(
+                        f"routes[{i}].required_roles: {role!r} has no rules under [sequences]; defined: {list(self.sequences)}"
+                    )
             for dest in route.destinations:
                 if dest not in self.destinations:
                     raise ValueError(

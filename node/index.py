@@ -22,7 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,20 @@ class Series(Base):
     released: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    role: Mapped[str | None] = mapped_column(String(16))  # sequence role for study-level rules
+    role_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class StudyAssembly(Base):
+    """A study being collected for a study-level rule: its state is the
+    study's (receiving -> queued -> running -> done | failed)."""
+
+    __tablename__ = "study_assemblies"
+    study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    route: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):
@@ -119,6 +134,7 @@ class Job(Base):
     study_uid: Mapped[str] = mapped_column(UID, index=True)
     series_uid: Mapped[str | None] = mapped_column(UID, index=True)
     destinations: Mapped[str] = mapped_column(Text)  # comma-separated names
+    roles: Mapped[str | None] = mapped_column(Text)  # JSON role -> series UID (study-level jobs)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -243,6 +259,7 @@ class JobView:
     series_uid: str | None
     destinations: tuple[str, ...]
     attempts: int
+    roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -492,11 +509,64 @@ class Index:
             series.state_changed_at = utcnow()
             series.instance_count = 0
 
+    # -- study assembly -----------------------------------------------------------------
+
+    def set_series_role(self, series_uid: str, role: str | None, reason: str) -> None:
+        with self._write_lock, self._session.begin() as s:
+            series = s.get(Series, series_uid)
+            series.role, series.role_reason = role, reason
+
+    def open_assembly(self, study_uid: str, route: str, reason: str) -> bool:
+        """Start (or restart, when a new series arrives for a finished one)
+        collecting ``study_uid`` for ``route``. Returns True if it changed."""
+        with self._write_lock, self._session.begin() as s:
+            assembly = s.get(StudyAssembly, (study_uid, route))
+            key = f"{study_uid}/{route}"
+            if assembly is None:
+                s.add(StudyAssembly(study_uid=study_uid, route=route, state="receiving", reason=reason))
+                self._transition(s, "study", key, None, "receiving", reason)
+                return True
+            if assembly.state in ("receiving", "queued", "running"):
+                return False
+            self._transition(s, "study", key, assembly.state, "receiving", reason)
+            assembly.state, assembly.reason, assembly.state_changed_at = "receiving", reason, utcnow()
+            return True
+
+    def assemblies(self, state: str = "receiving") -> list[StudyAssembly]:
+        with self._session() as s:
+            return list(s.scalars(select(StudyAssembly).where(StudyAssembly.state == state)))
+
+    def set_assembly_state(self, study_uid: str, route: str, new: str, reason: str) -> None:
+        with self._write_lock, self._session.begin() as s:
+            assembly = s.get(StudyAssembly, (study_uid, route))
+            if assembly.state != new:
+                self._transition(s, "study", f"{study_uid}/{route}", assembly.state, new, reason)
+                assembly.state, assembly.reason, assembly.state_changed_at = new, reason, utcnow()
+
+    def study_series(self, study_uid: str) -> list[Series]:
+        with self._session() as s:
+            return list(s.scalars(select(Series).where(Series.study_uid == study_uid).order_by(Series.first_received_at)))
+
+    def study_info(self, study_uid: str) -> Study | None:
+        with self._session() as s:
+            return s.get(Study, study_uid)
+
     # -- jobs -------------------------------------------------------------------------
 
     def create_job(
-        self, *, pipeline: str, route: str, level: str, study_uid: str, series_uid: str | None, destinations: Sequence[str]
+        self,
+        *,
+        pipeline: str,
+        route: str,
+        level: str,
+        study_uid: str,
+        series_uid: str | None,
+        destinations: Sequence[str],
+        roles: dict[str, str] | None = None,
+        failed_reason: str | None = None,
     ) -> int:
+        """Queue a job; with ``failed_reason`` record it as failed at once
+        (a study that never became complete: visible, never run)."""
         with self._write_lock, self._session.begin() as s:
             trigger = s.scalar(
                 select(func.max(Instance.received_at)).where(
@@ -510,12 +580,17 @@ class Index:
                 study_uid=study_uid,
                 series_uid=series_uid,
                 destinations=",".join(destinations),
+                roles=json.dumps(roles) if roles else None,
                 state="queued",
                 trigger_received_at=trigger,
             )
             s.add(job)
             s.flush()
             self._transition(s, "job", job.id, None, "queued", f"route {route}")
+            if failed_reason is not None:
+                self._transition(s, "job", job.id, "queued", "failed", failed_reason)
+                job.state, job.error, job.finished_at = "failed", failed_reason, utcnow()
+            self._sync_series_state(s, job, job.state)
             return job.id
 
     def claim_job(self) -> JobView | None:
@@ -535,13 +610,20 @@ class Index:
             return None
 
     def _sync_series_state(self, s: Session, job: Job, state: str) -> None:
-        if job.series_uid is None:
-            return
-        series = s.get(Series, job.series_uid)
-        if series is not None and series.state not in ("receiving", state):
-            self._transition(s, "series", series.series_uid, series.state, state, f"job {job.id}")
-            series.state = state
-            series.state_changed_at = utcnow()
+        """Mirror a job's state on its input series (and study assembly)."""
+        uids = [job.series_uid] if job.series_uid else list(json.loads(job.roles).values()) if job.roles else []
+        for uid in uids:
+            series = s.get(Series, uid)
+            if series is not None and series.state not in ("receiving", state):
+                self._transition(s, "series", series.series_uid, series.state, state, f"job {job.id}")
+                series.state = state
+                series.state_changed_at = utcnow()
+        if job.level == "study":
+            assembly = s.get(StudyAssembly, (job.study_uid, job.route))
+            if assembly is not None and assembly.state not in ("receiving", state):
+                self._transition(s, "study", f"{job.study_uid}/{job.route}", assembly.state, state, f"job {job.id}")
+                assembly.state = state
+                assembly.state_changed_at = utcnow()
 
     def finish_job(self, job_id: int, results: Sequence[tuple[Any, Path]], timings: str | None = None) -> None:
         """Mark a job done and queue each result for each of its destinations,
@@ -693,6 +775,9 @@ class Index:
         with self._session() as s:
             for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery)):
                 out[name] = {state: n for state, n in s.execute(select(model.state, func.count()).group_by(model.state))}
+            out["study_assemblies"] = {
+                state: n for state, n in s.execute(select(StudyAssembly.state, func.count()).group_by(StudyAssembly.state))
+            }
             out["instances"] = {"total": s.scalar(select(func.count()).select_from(Instance)) or 0}
             out["studies"] = {"total": s.scalar(select(func.count()).select_from(Study)) or 0}
         return out
@@ -730,4 +815,5 @@ def _job_view(job: Job) -> JobView:
         series_uid=job.series_uid,
         destinations=tuple(filter(None, job.destinations.split(","))),
         attempts=job.attempts,
+        roles=json.loads(job.roles) if job.roles else {},
     )

@@ -62,14 +62,18 @@ class PipelineCache:
 
 
 def load_study(index: Index, job: JobView) -> Study:
-    """Read a job's input series from the spool, pixel data included."""
-    if job.series_uid is None:
-        raise PipelineInputError("study-level jobs need series roles; none were given")
-    paths = index.instance_paths(job.series_uid)
-    if not paths:
-        raise PipelineInputError(f"series {job.series_uid} has no instances in the spool")
-    datasets = [pydicom.dcmread(p) for p in paths]
-    return Study(study_instance_uid=job.study_uid, series={job.series_uid: datasets})
+    """Read a job's input series from the spool, pixel data included: its
+    one series, or for a study-level job the series of each role."""
+    series_uids = [job.series_uid] if job.series_uid else list(dict.fromkeys(job.roles.values()))
+    if not series_uids:
+        raise PipelineInputError("the job names no input series")
+    series = {}
+    for uid in series_uids:
+        paths = index.instance_paths(uid)
+        if not paths:
+            raise PipelineInputError(f"series {uid} has no instances in the spool")
+        series[uid] = [pydicom.dcmread(p) for p in paths]
+    return Study(study_instance_uid=job.study_uid, series=series, roles=dict(job.roles))
 
 
 class Runner:

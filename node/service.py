@@ -46,8 +46,8 @@ class Node:
         self.index = Index(st.index_url)
         self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics)
         self.runner = Runner(config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake)
-        self.router = Router(config.routes, self.index, on_queued=self.runner.wake)
-        self.sweep = CompletionSweep(config.completion, self.index, self.spool, on_complete=self.router.route_series)
+        self.router = Router(config.routes, self.index, on_queued=self.runner.wake, sequences=config.sequences)
+        self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router)
         self.receiver = Receiver(config, self.spool, self.index, metrics=self.metrics, on_release=self.trigger_sweep)
         self.scheduler = BackgroundScheduler(timezone=dt.UTC)
         self._sweep_job = None
@@ -65,7 +65,7 @@ class Node:
           and the commit) are indexed;
         - jobs left ``running`` are queued again (or failed after
           ``max_job_attempts``);
-        - series left ``complete`` but never routed are routed;
+        - series and studies left ``complete`` but never routed are routed;
         - pending deliveries need nothing: dispatch retries them.
         """
         reindexed = 0
@@ -80,6 +80,9 @@ class Node:
         routed = 0
         for series in self.index.series_in_state("complete"):
             self.router.route_series(series.series_uid)
+            routed += 1
+        for assembly in self.index.assemblies("complete"):  # complete, but its job was never queued
+            self.router.queue_study(assembly.study_uid, assembly.route)
             routed += 1
         summary = {"reindexed": reindexed, "jobs_requeued": requeued, "jobs_failed": failed, "series_routed": routed}
         self.log.info("recovered", **summary)

@@ -40,7 +40,7 @@ def node_state(tmp_path):
     index = Index(cfg.storage.index_url)
     spool = Spool(cfg.storage.spool_dir, cfg.storage.quarantine_dir, cfg.storage.outbox_dir)
     router = Router(cfg.routes, index)
-    sweep = CompletionSweep(cfg.completion, index, spool, on_complete=router.route_series)
+    sweep = CompletionSweep(cfg.completion, index, spool, router)
     yield cfg, index, spool, sweep
     index.close()
 
