@@ -12,6 +12,7 @@ Prints one JSON object. Usage::
 
 from __future__ import annotations
 
+import copy
 import argparse
 import json
 import os
@@ -40,7 +41,7 @@ def make_ct_series(folder: Path, n: int) -> list[Path]:
     study, series = generate_uid(), generate_uid()
     files = []
     for i in range(n):
-        ds = template.copy()
+        ds = copy.deepcopy(template)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = generate_uid()

@@ -625,14 +625,21 @@ class Index:
                 assembly.state = state
                 assembly.state_changed_at = utcnow()
 
-    def finish_job(self, job_id: int, results: Sequence[tuple[Any, Path]], timings: str | None = None) -> None:
-        """Mark a job done and queue each result for each of its destinations,
-        in one transaction. ``results`` holds (dataset, outbox path) pairs."""
+    def finish_job(
+        self, job_id: int, results: Sequence[tuple[Any, Path, Sequence[str]]], timings: str | None = None
+    ) -> None:
+        """Mark a job done and queue each result for its destinations, in one
+        transaction. ``results`` holds (dataset, outbox path, destination
+        names); a second item with the same SOP Instance UID is another
+        encoding of the same object (a compact SEG) and only adds deliveries."""
         with self._write_lock, self._session.begin() as s:
             job = s.get(Job, job_id)
-            for ds, path in results:
+            seen: set[str] = set()
+            for ds, path, destinations in results:
                 row = s.get(Result, ds.SOPInstanceUID)
-                if row is None:
+                if ds.SOPInstanceUID in seen:
+                    pass
+                elif row is None:
                     s.add(
                         Result(
                             sop_instance_uid=ds.SOPInstanceUID,
@@ -647,7 +654,8 @@ class Index:
                 else:  # a re-run of the same input replaces the earlier result
                     row.job_id = job_id
                     row.path = str(path)
-                for dest in filter(None, job.destinations.split(",")):
+                seen.add(ds.SOPInstanceUID)
+                for dest in destinations:
                     s.add(Delivery(job_id=job_id, sop_instance_uid=ds.SOPInstanceUID, destination=dest, path=str(path)))
             self._transition(s, "job", job_id, job.state, "done", f"{len(results)} results")
             job.state = "done"

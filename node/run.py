@@ -30,6 +30,7 @@ from node.index import Index, JobView
 from node.spool import Spool
 from pipelines import pipeline_class
 from pipelines.base import PipelineContext, PipelineInputError, Study
+from pipelines.common.seg_frames import omit_empty_frames
 
 
 def resolve_device(setting: str) -> str:
@@ -176,7 +177,7 @@ class Runner:
             )
             results = pipeline.run(study, context)
             t = time.perf_counter()
-            stored = [(ds, self.spool.store_result(ds)) for ds in results]
+            stored = self.store_results(results, job.destinations)
             timings["write_outbox"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - started
             self.index.finish_job(job.id, stored, json.dumps(timings))
@@ -195,7 +196,7 @@ class Runner:
             return "failed"
         log.info(
             "job_done",
-            results=[f"{ds.Modality} {ds.SOPInstanceUID}" for ds, _ in stored],
+            results=[f"{ds.Modality} {ds.SOPInstanceUID} -> {','.join(dests)}" for ds, _, dests in stored],
             destinations=list(job.destinations),
             timings={k: round(v, 3) for k, v in timings.items()},
         )
@@ -203,6 +204,24 @@ class Runner:
         if self.on_results:
             self.on_results()
         return "done"
+
+    def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
+        """Write results to the outbox and say where each goes: a SEG goes in
+        full to most destinations, and without its empty frames to those with
+        ``omit_empty_frames`` (see :mod:`pipelines.common.seg_frames`)."""
+        known = self.config.destinations
+        compact = [d for d in destinations if d in known and known[d].omit_empty_frames]
+        full = [d for d in destinations if d not in compact]
+        stored = []
+        for ds in results:
+            path = self.spool.store_result(ds)
+            variant = omit_empty_frames(ds) if compact and ds.Modality == "SEG" else None
+            if variant is None:
+                stored.append((ds, path, destinations))
+            else:
+                stored.append((ds, path, tuple(full)))
+                stored.append((variant, self.spool.store_result(variant, "compact"), tuple(compact)))
+        return stored
 
     def _count(self, job: JobView, state: str, timings: dict[str, float]) -> None:
         if self.metrics:

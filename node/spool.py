@@ -181,14 +181,18 @@ class Spool:
 
     # -- results ----------------------------------------------------------------
 
-    def outbox_path(self, study_uid: str, sop_instance_uid: str) -> Path:
+    def outbox_path(self, study_uid: str, sop_instance_uid: str, variant: str = "") -> Path:
         if not (is_safe_uid(study_uid) and is_safe_uid(sop_instance_uid)):
             raise ValueError(f"result UIDs {study_uid!r}/{sop_instance_uid!r} are not valid UIDs")
-        return self.outbox_dir / study_uid / f"{sop_instance_uid}.dcm"
+        if variant and not variant.isalnum():
+            raise ValueError(f"variant {variant!r}: letters and digits only")
+        return self.outbox_dir / study_uid / f"{sop_instance_uid}{'.' + variant if variant else ''}.dcm"
 
-    def store_result(self, ds: Dataset) -> Path:
-        """Write a derived object (SEG, SR) to the outbox before any send."""
-        return write_durable(self.outbox_path(ds.StudyInstanceUID, ds.SOPInstanceUID), ds, fsync=self.fsync)
+    def store_result(self, ds: Dataset, variant: str = "") -> Path:
+        """Write a derived object (SEG, SR) to the outbox before any send.
+        ``variant`` names another encoding of the same object (e.g. a SEG
+        without its empty frames), kept beside it."""
+        return write_durable(self.outbox_path(ds.StudyInstanceUID, ds.SOPInstanceUID, variant), ds, fsync=self.fsync)
 
 
 #: What the index records of an instance (receive step).

@@ -71,7 +71,7 @@ def _queue_result(cfg, index: Index, spool: Spool, source_path, destinations) ->
         series_uid=ds.SeriesInstanceUID, destinations=destinations,
     )
     assert index.claim_job().id == job
-    index.finish_job(job, [(ds, path)])
+    index.finish_job(job, [(ds, path, destinations)])
     return ds.SOPInstanceUID
 
 

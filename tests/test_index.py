@@ -102,7 +102,7 @@ def test_instances_series_jobs_and_deliveries(index, rg1_uncr, tmp_path):
     result = pydicom.Dataset()
     result.SOPInstanceUID, result.StudyInstanceUID = "1.2.3.4", ds.StudyInstanceUID
     result.SeriesInstanceUID, result.SOPClassUID, result.Modality = "1.2.3", "1.2.840.10008.5.1.4.1.1.88.34", "SR"
-    index.finish_job(job_id, [(result, tmp_path / "r.dcm")])
+    index.finish_job(job_id, [(result, tmp_path / "r.dcm", ["a", "b"])])
     assert index.job(job_id).state == "done"
     due = index.due_deliveries("a", utcnow())
     assert [d.sop_instance_uid for d in due] == ["1.2.3.4"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from io import BytesIO
 
@@ -116,7 +117,7 @@ def add_series(index: Index, spool: Spool, study_uid: str, role: str, *, series_
     series_uid = generate_uid()
     description, scanning, tr, te, ti, agent = PROTOCOL[role]
     for i in range(slices):
-        ds = template.copy()
+        ds = copy.deepcopy(template)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
         ds.SeriesDescription, ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = description, scanning, tr, te
         ds.SeriesTime, ds.InstanceNumber = series_time, i + 1
