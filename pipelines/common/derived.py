@@ -15,12 +15,18 @@ with highdicom and take from here:
 - :func:`add_patient_orientation`, :func:`image_library`,
   :func:`insert_image_library`, :func:`ensure_valid_values`: the pieces of
   the General Image module and TID 1600 that highdicom leaves to the caller
-  for projection radiographs, and a last check of the finished object.
+  for projection radiographs, and a last check of the finished object;
+- for volumes (series of slices): :func:`sanitize_series` (fast source
+  proxies for a SEG), :func:`reference_proxies` (evidence),
+  :func:`series_image_library` (TID 1600 with one group per series),
+  :func:`segment_voxel_counts` (what a SEG holds, for volumes) and
+  :func:`device_observation_context` (TID 1002/1004 for the model).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,16 +34,20 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID, SegmentationStorage, generate_uid
 
 from pipelines.common.sanitize import (
     TYPE2_IN_DERIVED,
     Repair,
     find_invalid_values,
+    reference_proxies,
+    reference_proxy,
+    sanitize_series,
     sanitize_source,
     sanitize_sources,
 )
@@ -52,17 +62,23 @@ __all__ = [
     "check_long_string",
     "derived_uid",
     "derived_uids",
+    "device_observation_context",
     "device_uid",
     "ensure_valid_values",
     "fit_long_string",
     "image_library",
     "insert_image_library",
+    "reference_proxies",
+    "reference_proxy",
     "referenced_segmentation_frame",
+    "sanitize_series",
     "sanitize_source",
     "sanitize_sources",
     "segment_frame_numbers",
+    "segment_voxel_counts",
     "segmentation_source",
     "series_description",
+    "series_image_library",
 ]
 
 #: Said by the Series Description of every derived object (and by the SEG's
@@ -386,6 +402,7 @@ def add_patient_orientation(derived: Dataset, source: Dataset) -> None:
     derived.PatientOrientation = source.get("PatientOrientation") or None
 
 
+@functools.lru_cache(maxsize=64)
 def _modality_code(modality: str) -> Code | None:
     """The CID 33 (Modality) or CID 29 code whose value is ``modality``."""
     for collection in (codes.cid33, codes.cid29):
@@ -551,3 +568,161 @@ def ensure_valid_values(dataset: Dataset, what: str) -> None:
     problems = find_invalid_values(dataset)
     if problems:
         raise ValueError(f"{what} would carry invalid values: " + "; ".join(problems))
+
+
+def device_observation_context(
+    algorithm: AlgorithmDescription, *, manufacturer: str, prefix: str | None
+) -> hd.sr.ObservationContext:
+    """TID 1001 Observation Context whose observer is the model as a device
+    (TID 1004): Device Observer UID :func:`device_uid`, name
+    ``algorithm.label``, model name ``algorithm.name``, ``manufacturer``.
+
+    Raises
+    ------
+    ValueError
+        ``manufacturer`` does not fit LO, or ``prefix`` is invalid.
+    """
+    check_long_string(manufacturer, "PipelineContext.manufacturer")
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid(algorithm, prefix),
+        name=algorithm.label,
+        manufacturer_name=manufacturer,
+        model_name=algorithm.name,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _library_descriptors(image: Dataset) -> dict[str, tuple[str, str, object]]:
+    """TID 1602 descriptors of ``image`` that its values support, by key:
+    ``(value type, concept name keyword in codes.DCM, value)``, with plain
+    hashable values (comparing highdicom codes is slow)."""
+    found: dict[str, tuple[str, str, object]] = {}
+    modality = str(image.get("Modality", ""))
+    if _modality_code(modality) is not None:
+        found["modality"] = ("CODE", "Modality", modality)
+    if "FrameOfReferenceUID" in image:
+        found["frame"] = ("UIDREF", "FrameOfReferenceUID", str(image.FrameOfReferenceUID))
+    found["rows"] = ("PIXELS", "PixelDataRows", int(image.Rows))
+    found["columns"] = ("PIXELS", "PixelDataColumns", int(image.Columns))
+    projection = modality in _PROJECTION_MODALITIES
+    spacing = image.get("ImagerPixelSpacing" if projection else "PixelSpacing")
+    if spacing and len(spacing) == 2 and all(math.isfinite(float(v)) and float(v) > 0 for v in spacing):
+        found["horizontal"] = ("MM", "HorizontalPixelSpacing", float(spacing[1]))
+        found["vertical"] = ("MM", "VerticalPixelSpacing", float(spacing[0]))
+    return found
+
+
+def _descriptor_item(value_type: str, name: str, value: object) -> hd.sr.ContentItem:
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    concept = getattr(codes.DCM, name)
+    if value_type == "CODE":
+        return hd.sr.CodeContentItem(concept, _modality_code(value), acq)
+    if value_type == "UIDREF":
+        return hd.sr.UIDRefContentItem(concept, value, acq)
+    unit = CodedConcept("{pixels}", "UCUM", "Pixels") if value_type == "PIXELS" else codes.UCUM.Millimeter
+    return hd.sr.NumContentItem(concept, value, unit, relationship_type=acq)
+
+
+def series_image_library(series: Sequence[Sequence[Dataset]]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one Image Library Group per series.
+
+    For volumes: four MR series of 155 slices are 620 images. The TID 1602
+    descriptors that all images of a series share (Modality, Frame of
+    Reference UID, Pixel Data Rows/Columns, Horizontal/Vertical Pixel
+    Spacing) are written once, on the group (PS3.16 TID 1600: group
+    descriptors apply to every entry of the group); an entry carries only
+    those in which its image differs. Each entry is the image reference
+    (TID 1601).
+
+    Parameters
+    ----------
+    series:
+        The images of each series, as :func:`reference_proxies` or
+        :func:`sanitize_source` returns them; each inner sequence is one
+        group, in the order given.
+
+    Raises
+    ------
+    ValueError
+        ``series`` or one of its series is empty.
+    """
+    if not series or any(not images for images in series):
+        raise ValueError("series is empty, or holds an empty series: an image library names at least one image")
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = hd.sr.ContentSequence()
+    for images in series:
+        descriptors = [_library_descriptors(image) for image in images]
+        shared = {
+            key: value
+            for key, value in descriptors[0].items()
+            if all(other.get(key) == value for other in descriptors[1:])
+        }
+        group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
+        group.ContentSequence = hd.sr.ContentSequence([_descriptor_item(*value) for value in shared.values()])
+        for image, own in zip(images, descriptors):
+            entry = hd.sr.ImageContentItem(
+                name=CodedConcept("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+                relationship_type=contains,
+            )
+            rest = [_descriptor_item(*value) for key, value in own.items() if key not in shared]
+            if rest:
+                entry.ContentSequence = hd.sr.ContentSequence(rest)
+            group.ContentSequence.append(entry)
+        library.ContentSequence.append(group)
+    return library
+
+
+def _frame_segment_numbers(seg: Dataset) -> list[int | None]:
+    """Referenced Segment Number of each frame of ``seg`` (``None``: none)."""
+    shared = seg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    shared_identification = shared.get("SegmentIdentificationSequence")
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    numbers: list[int | None] = []
+    for index in range(int(seg.get("NumberOfFrames", 1))):
+        item = per_frame[index] if len(per_frame) > index else Dataset()
+        identification = item.get("SegmentIdentificationSequence") or shared_identification
+        numbers.append(int(identification[0].ReferencedSegmentNumber) if identification else None)
+    return numbers
+
+
+def segment_voxel_counts(seg: Dataset) -> dict[int, int]:
+    """How many pixels of each segment a BINARY Segmentation holds.
+
+    Counts the set pixels of every frame (PS3.3 C.8.20.2: BINARY frames are
+    1 bit per pixel) and adds them up by the frame's Referenced Segment
+    Number (Segment Identification, C.8.20.3.1). For a SEG on a stack of
+    parallel planes the count times the voxel volume is the segment's
+    volume. A segment described in the Segment Sequence but on no frame (an
+    empty segment with empty frames omitted) counts 0.
+
+    Returns
+    -------
+    dict[int, int]
+        Segment Number -> number of set pixels, for every described segment.
+
+    Raises
+    ------
+    ValueError
+        ``seg`` is not a Segmentation, not BINARY, or has a frame without a
+        segment or with a segment that is not described.
+    """
+    if seg.get("SOPClassUID") != SegmentationStorage:
+        raise ValueError("seg must be a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4)")
+    if seg.get("SegmentationType") != "BINARY":
+        raise ValueError(f"SegmentationType of seg is {seg.get('SegmentationType')!r}; voxel counts need BINARY")
+    counts = {int(item.SegmentNumber): 0 for item in seg.get("SegmentSequence", [])}
+    frame_segments = _frame_segment_numbers(seg)
+    pixels = np.asarray(seg.pixel_array).reshape(len(frame_segments), -1)
+    for frame, (number, set_pixels) in enumerate(zip(frame_segments, np.count_nonzero(pixels, axis=1)), start=1):
+        if number not in counts:
+            raise ValueError(f"frame {frame} of seg names segment {number}, which SegmentSequence does not describe")
+        counts[number] += int(set_pixels)
+    return counts
