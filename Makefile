@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools
 CONFIG ?= config/node.toml
 
-.PHONY: run test setup system-packages venv orthanc bench clean
+.PHONY: run test setup system-packages venv orthanc bench clean viewer viewer-deps browser-deps
 
 setup: system-packages venv
 
@@ -44,8 +44,36 @@ orthanc: system-packages
 run: setup orthanc
 	$(VENV)/bin/ainode serve --config $(CONFIG)
 
-test: setup
+test: setup viewer-deps browser-deps
 	$(PY) -m pytest
+
+# OHIF viewer: the prebuilt dist of the npm package @ohif/app (about 50 MB
+# packed, 200 MB unpacked), fetched once into .cache/ (not committed) and
+# served at / by deploy/ohif/viewer.py, which proxies /dicom-web to Orthanc.
+OHIF_VERSION := $(shell cat deploy/ohif/ohif-version)
+OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
+ORTHANC_URL ?= http://127.0.0.1:8042
+VIEWER_PORT ?= 3000
+
+viewer-deps: $(OHIF_DIR)/dist/index.html
+
+$(OHIF_DIR)/dist/index.html: deploy/ohif/ohif-version
+	@command -v npm >/dev/null || { echo "installing npm"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq npm; }
+	rm -rf $(OHIF_DIR) && mkdir -p $(OHIF_DIR)
+	cd $(OHIF_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf $(OHIF_DIR)/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_DIR) --strip-components=1 package/dist
+	rm $(OHIF_DIR)/ohif-app-$(OHIF_VERSION).tgz
+	touch $@
+
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+browser-deps:
+	@command -v chromium >/dev/null || { echo "installing chromium"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+# Review the node's results in OHIF: http://127.0.0.1:$(VIEWER_PORT)/
+viewer: setup viewer-deps orthanc
+	$(PY) deploy/ohif/viewer.py --dist $(OHIF_DIR)/dist --orthanc $(ORTHANC_URL) --port $(VIEWER_PORT)
 
 bench: setup
 	$(PY) bench/ingest.py
