@@ -88,9 +88,12 @@ def test_failed_job_is_recorded_and_the_node_keeps_serving(running, rg1_uncr):
 
     status, body = get_json(cfg, "/health")
     assert status == 200 and json.loads(body) == {"scp": True, "scheduler": True, "index": True}
-    report = json.loads(get_json(cfg, "/status")[1])
+    # The PACS has both objects a moment before the node records the outcome.
+    report = wait_for(
+        lambda: (r := json.loads(get_json(cfg, "/status")[1]))["counts"]["deliveries"] == {"delivered": 2} and r,
+        30, what="deliveries recorded as delivered",
+    )
     assert report["counts"]["jobs"] == {"done": 1, "failed": 1}
-    assert report["counts"]["deliveries"] == {"delivered": 2}
     metrics = get_json(cfg, "/metrics")[1].decode()
     assert 'ainode_jobs_total{pipeline="pneumonia",state="failed"} 1.0' in metrics
     assert "ainode_instances_received_total 2.0" in metrics
