@@ -82,34 +82,73 @@ def derived_in_orthanc(orthanc, study_uid: str) -> dict[str, list[str]]:
 
 
 def check_results(orthanc, source: Path) -> dict:
-    """Read the SR and SEG back from Orthanc with highdicom and check them."""
+    """Read the SR and SEG back from Orthanc and check them against each other
+    and the source.
+
+    The SEG is decoded with pydicom alone (highdicom 0.28's ``segread``
+    cannot read Pixel Measures without Slice Thickness, and a radiograph has
+    none): its one frame must lie on the source image, state the source's
+    valid pixel spacing with the pixel grid's identity orientation (none if
+    the source has no valid spacing), and have no Frame of Reference. The SR
+    is read with highdicom: one TID 1410 group whose outline, drawn on the
+    source's grid, covers the SEG's largest region (the whole image if the
+    SEG is empty), with the probability, on the source image.
+    """
+    import numpy as np
+
+    from tests.test_pneumonia_write import grid_geometry, iou, largest_region, outline_mask, segment_on_source
+
     src = pydicom.dcmread(source, stop_before_pixels=True)
     found = derived_in_orthanc(orthanc, src.StudyInstanceUID)
     assert len(found.get("SR", [])) == 1 and len(found.get("SEG", [])) == 1, found
 
-    seg = hd.seg.segread(BytesIO(orthanc.file(found["SEG"][0])))
+    seg = pydicom.dcmread(BytesIO(orthanc.file(found["SEG"][0])))
     assert seg.StudyInstanceUID == src.StudyInstanceUID
     ref = seg.ReferencedSeriesSequence[0]
     assert ref.SeriesInstanceUID == src.SeriesInstanceUID
     assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription.upper()
     assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+    mask = segment_on_source(seg, src)
+    assert "FrameOfReferenceUID" not in seg and "FrameOfReferenceUID" not in src
+    spacings = [
+        tuple(float(v) for v in src[keyword].value)
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing")
+        if keyword in src and len(src[keyword].value) == 2 and all(float(v) > 0 for v in src[keyword].value)
+    ]
+    geometry = grid_geometry(seg)
+    assert geometry.spacing == (spacings[0] if spacings else None), (geometry, spacings)
+    assert geometry.orientation == ((1, 0, 0, 0, 1, 0) if spacings else None), geometry
+    assert not (geometry.slice_thickness or geometry.plane_position or geometry.per_frame_geometry), geometry
 
     sr = hd.sr.srread(BytesIO(orthanc.file(found["SR"][0])))
     assert sr.StudyInstanceUID == src.StudyInstanceUID
     assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription.upper()
-    assert sr.content.get_planar_roi_measurement_groups(), "TID 1410 group referencing the SEG segment missing"
-    [image_group] = sr.content.get_image_measurement_groups()  # TID 1501
-    probability = [m for m in image_group.get_measurements() if m.name.meaning == "Probability"]
+    assert not sr.content.get_image_measurement_groups(), "a group without coordinates: OHIF cannot open it"
+    [roi] = sr.content.get_planar_roi_measurement_groups()  # TID 1410
+    probability = [m for m in roi.get_measurements() if m.name.meaning == "Probability"]
     assert probability and 0.0 <= probability[0].value <= 1.0
+    region = roi.roi
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    outline = region.value
+    expected = largest_region(mask) if mask.any() else np.ones(mask.shape, bool)
+    overlap = iou(outline_mask(outline, mask.shape), expected)
+    assert overlap > 0.99, f"the SR outline covers the SEG region with IoU {overlap:.3f}"
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
         for item in series.ReferencedSOPSequence
     }
-    assert src.SOPInstanceUID in evidence and seg.SOPInstanceUID in evidence
-    return {"probability": float(probability[0].value), "seg": seg.SOPInstanceUID, "sr": sr.SOPInstanceUID}
+    assert evidence == {src.SOPInstanceUID}, evidence
+    return {
+        "probability": float(probability[0].value),
+        "attention_pixels": int(mask.sum()),
+        "outline_points": len(outline),
+        "outline_iou_with_seg": round(overlap, 4),
+        "seg": seg.SOPInstanceUID,
+        "sr": sr.SOPInstanceUID,
+    }
 
 
 def _record_latency(name: str, figures: dict) -> None:

@@ -12,10 +12,13 @@ with highdicom and take from here:
 - :func:`series_description`, :func:`fit_long_string`: labels that name the
   pipeline, model and version and say "NOT FOR DIAGNOSTIC USE" within the 64
   characters of LO;
-- :func:`add_patient_orientation`, :func:`image_library`,
-  :func:`insert_image_library`, :func:`ensure_valid_values`: the pieces of
-  the General Image module and TID 1600 that highdicom leaves to the caller
-  for projection radiographs, and a last check of the finished object;
+- :func:`add_patient_orientation`, :func:`add_pixel_grid_geometry`,
+  :func:`image_library`, :func:`insert_image_library`,
+  :func:`ensure_valid_values`: the pieces of the General Image module, the
+  SEG functional groups and TID 1600 that highdicom leaves to the caller for
+  projection radiographs, and a last check of the finished object;
+- :func:`region_outline`, :func:`image_outline`: closed SCOORD polylines on a
+  source image (TID 1410 Image Region), for planar results;
 - for volumes (series of slices): :func:`sanitize_series` (fast source
   proxies for a SEG), :func:`reference_proxies` (evidence),
   :func:`series_image_library` (TID 1600 with one group per series),
@@ -37,6 +40,10 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DS
+from scipy import ndimage
+from skimage import measure
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, UID, SegmentationStorage, generate_uid
@@ -54,11 +61,13 @@ from pipelines.common.sanitize import (
 
 __all__ = [
     "NOT_FOR_DIAGNOSTIC_USE",
+    "PIXEL_GRID_ORIENTATION",
     "AlgorithmDescription",
     "DerivedUIDs",
     "Repair",
     "TYPE2_IN_DERIVED",
     "add_patient_orientation",
+    "add_pixel_grid_geometry",
     "check_long_string",
     "derived_uid",
     "derived_uids",
@@ -67,10 +76,12 @@ __all__ = [
     "ensure_valid_values",
     "fit_long_string",
     "image_library",
+    "image_outline",
     "insert_image_library",
     "reference_proxies",
     "reference_proxy",
     "referenced_segmentation_frame",
+    "region_outline",
     "sanitize_series",
     "sanitize_source",
     "sanitize_sources",
@@ -79,6 +90,7 @@ __all__ = [
     "segmentation_source",
     "series_description",
     "series_image_library",
+    "valid_pixel_spacing",
 ]
 
 #: Said by the Series Description of every derived object (and by the SEG's
@@ -365,25 +377,158 @@ def series_description(pipeline: str, algorithm: AlgorithmDescription, kind: str
 
 
 def segmentation_source(source: Dataset) -> Dataset:
-    """The sanitised ``source`` as a SEG's geometry should see it.
+    """The sanitised ``source`` as highdicom should see it when it builds a SEG.
 
-    Without a Frame of Reference a SEG has no coordinate system, so Pixel
-    Measures mean nothing in it (PS3.3 A.51.5 ties them to the Frame of
-    Reference); highdicom 0.28 still copies a valid Pixel Spacing of such a
-    source into the SEG's Pixel Measures, and then cannot read that SEG back
-    (``segread`` fails: "required attributes for a Pixel Measures
-    Sequence"). So for a source without Frame of Reference the returned copy
-    has no Pixel Spacing, Slice Thickness or Spacing Between Slices; the
-    SEG is still tied to the source pixel by pixel through its Derivation
-    Image references. With a Frame of Reference ``source`` is returned as is.
+    For a source without Frame of Reference highdicom 0.28 copies Pixel
+    Spacing, and Slice Thickness if present, into the SEG's Pixel Measures,
+    and nothing else of the geometry. The returned copy has neither (nor
+    Spacing Between Slices), so that :func:`add_pixel_grid_geometry` alone
+    decides what such a SEG says about its pixel grid, from Pixel Spacing or
+    Imager Pixel Spacing, and never a Slice Thickness that a projection
+    radiograph does not have. The SEG is tied to the source pixel by pixel
+    through its Derivation Image references either way. With a Frame of
+    Reference ``source`` is returned as is.
     """
     if "FrameOfReferenceUID" in source:
         return source
-    clean = copy.copy(source)
+    # Not copy.copy: a shallow copy of a pydicom Dataset shares its elements'
+    # dict, and deleting from it would delete from ``source`` too.
+    clean = copy.deepcopy(source)
     for keyword in ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
         if keyword in clean:
             del clean[keyword]
     return clean
+
+
+#: Image Orientation (Patient) values of a frame whose rows and columns run as
+#: its source's stored pixel grid: row direction = increasing column index,
+#: column direction = increasing row index. See :func:`add_pixel_grid_geometry`.
+PIXEL_GRID_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def valid_pixel_spacing(source: Dataset) -> tuple[tuple[float, float], str] | None:
+    """The source's pixel size, where it states a usable one.
+
+    Pixel Spacing (0028,0030), else Imager Pixel Spacing (0018,1164): the
+    first that holds two finite values > 0 (PS3.3 10.7.1.3: row spacing,
+    then column spacing, in mm). Nothing is invented: ``0\\0``, one value,
+    text or an absent attribute give ``None``.
+
+    Returns
+    -------
+    ((row spacing, column spacing), keyword) or None
+        Millimetres, and the attribute they came from.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = source.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            numbers = [float(v) for v in (value if isinstance(value, (MultiValue, list, tuple)) else [value])]
+        except (TypeError, ValueError):
+            continue
+        if len(numbers) == 2 and all(math.isfinite(v) and v > 0 for v in numbers):
+            return (numbers[0], numbers[1]), keyword
+    return None
+
+
+def add_pixel_grid_geometry(seg: Dataset, source: Dataset) -> str | None:
+    """Give a SEG without Frame of Reference the two functional groups that
+    viewers need to draw it: shared Pixel Measures and Plane Orientation.
+
+    Why: OHIF 3.13.2 (cornerstone3D adapters) cannot open a SEG without them
+    (``Cannot destructure property 'SpacingBetweenSlices' of
+    'PixelMeasures'``, then no Image Orientation); it checks the SEG's
+    orientation against the one it uses for the source image and draws the
+    frame on the source only when they agree.
+
+    What the values say:
+
+    - Pixel Measures (PS3.3 C.7.6.16.2.1): Pixel Spacing = the source's own
+      valid Pixel Spacing, else its Imager Pixel Spacing
+      (:func:`valid_pixel_spacing`): the SEG frame is the source's pixel
+      grid, so its pixel size is the source's. No Slice Thickness: a
+      projection radiograph has none. If the source states no valid spacing,
+      nothing is added (a spacing is never invented) and the SEG keeps only
+      its Derivation Image tie; OHIF 3.13.2 then cannot open it.
+    - Plane Orientation (Patient) (C.7.6.16.2.4): the source's own Image
+      Orientation (Patient) if it has a valid one, else
+      :data:`PIXEL_GRID_ORIENTATION`, ``1\\0\\0\\0\\1\\0``. With no
+      Frame of Reference there is no patient coordinate system for these
+      direction cosines to be in (C.7.6.2.1.1 defines them relative to the
+      Frame of Reference); the only frame the SEG has is the source's pixel
+      grid, reached through Derivation Image (A.51.5.1: each SEG pixel is the
+      referenced image's pixel). In that frame the value is the identity: the
+      SEG's rows and columns run exactly as the source's stored rows and
+      columns, no flip, rotation or transpose. It is also the orientation
+      viewers assume for an image without one (cornerstone3D's image plane
+      default), so the SEG lands on the source. It is not a statement about
+      anatomy; the anatomy is in Patient Orientation (Type 2C, copied from
+      the source by :func:`add_patient_orientation`). An orientation derived
+      from Patient Orientation (``L\\F`` would give ``1\\0\\0\\0\\0\\-1``)
+      would claim a patient-relative plane the source does not state, and
+      OHIF 3.13.2 refuses it as "orthogonal to the acquisition plane of the
+      source data" (tests/test_ohif.py checks this).
+
+    Standard: PS3.3 (2024c) Table A.51-2 makes Pixel Measures and Plane
+    Orientation (Patient) "Required if Derivation Image Functional Group is
+    not present and the Frame of Reference is defined in the patient-relative
+    Reference Coordinate System. May be present otherwise if the Frame of
+    Reference is defined in the patient-relative Reference Coordinate
+    System". A SEG without Frame of Reference meets neither clause, so the
+    current text does not grant them; earlier editions said only "May be
+    present otherwise", which dicom3tools (dciodvfy 1.00~20220618) still
+    checks and accepts. We write them for the viewer, with values that add no
+    geometry beyond the Derivation Image tie; docs/architecture.md records
+    the decision. Plane Position (Patient) is not written: without a Frame
+    of Reference there is no position to give, and OHIF does not need it.
+
+    Parameters
+    ----------
+    seg:
+        A Segmentation without Frame of Reference UID, as highdicom built it
+        (Derivation Image in its functional groups); changed in place.
+    source:
+        The sanitised source image the SEG was derived from.
+
+    Returns
+    -------
+    str or None
+        The source attribute the spacing came from (``"PixelSpacing"`` or
+        ``"ImagerPixelSpacing"``), or ``None`` when nothing was added.
+
+    Raises
+    ------
+    ValueError
+        ``seg`` is not a Segmentation, has a Frame of Reference UID (its
+        geometry is then highdicom's, in that frame), or already has Pixel
+        Measures or Plane Orientation in a functional group.
+    """
+    if seg.get("SOPClassUID") != SegmentationStorage:
+        raise ValueError("seg must be a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4)")
+    if "FrameOfReferenceUID" in seg:
+        raise ValueError(
+            "FrameOfReferenceUID of seg is present: its Pixel Measures and Plane Orientation belong to that "
+            "frame, not to the source's pixel grid"
+        )
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    groups = [shared, *seg.get("PerFrameFunctionalGroupsSequence", [])]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if any(keyword in group for group in groups):
+            raise ValueError(f"{keyword} of seg is present already")
+    spacing = valid_pixel_spacing(source)
+    if spacing is None:
+        return None
+    (row_spacing, column_spacing), keyword = spacing
+    measures = Dataset()
+    measures.PixelSpacing = [DS(row_spacing, auto_format=True), DS(column_spacing, auto_format=True)]
+    orientation = Dataset()
+    stated = source.get("ImageOrientationPatient")
+    values = [float(v) for v in stated] if stated and len(stated) == 6 else PIXEL_GRID_ORIENTATION
+    orientation.ImageOrientationPatient = [DS(v, auto_format=True) for v in values]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orientation]
+    return keyword
 
 
 def add_patient_orientation(derived: Dataset, source: Dataset) -> None:
@@ -553,6 +698,96 @@ def referenced_segmentation_frame(
     )
     del reference[0].ReferencedSOPSequence[0].ReferencedFrameNumber
     return reference
+
+
+def region_outline(mask: np.ndarray, *, tolerance: float = 0.5) -> tuple[np.ndarray, int]:
+    """Outline of the largest region of a planar mask, as SCOORD Graphic Data.
+
+    The region is the largest 4-connected component of ``mask`` (ties: the
+    first in row-major order) with its holes filled; its boundary is traced
+    with ``skimage.measure.find_contours`` at level 0.5 (on the mask padded
+    by one pixel, so a region touching the image edge closes along it) and
+    simplified by Douglas-Peucker (``skimage.measure.approximate_polygon``)
+    within ``tolerance`` pixels.
+
+    Coordinates follow PS3.3 Table C.18.6-1 (Graphic Data): (column, row)
+    pairs, column first, with 0.0\\0.0 the top left corner of the top left
+    pixel and Columns\\Rows the bottom right corner of the bottom right
+    pixel, so the centre of pixel ``mask[r, c]`` is ``(c + 0.5, r + 0.5)``.
+    The last point repeats the first: a closed POLYLINE (C.18.6.1.1). The
+    traced boundary passes half way between the centres of region and
+    background pixels, so every region pixel's centre is inside it.
+
+    Parameters
+    ----------
+    mask:
+        ``bool`` array of shape ``(Rows, Columns)``.
+    tolerance:
+        Largest distance, in pixels, of the simplified outline from the
+        traced one; 0 keeps every vertex.
+
+    Returns
+    -------
+    outline, regions:
+        ``float32`` array of shape ``(n, 2)``, ``n >= 4``, of (column, row)
+        points with ``outline[0] == outline[-1]``; and how many 4-connected
+        regions ``mask`` has (the outline is of one of them).
+
+    Raises
+    ------
+    TypeError
+        ``mask`` is not a boolean ``numpy.ndarray``.
+    ValueError
+        ``mask`` is not 2-D, or has no pixel set; ``tolerance`` is negative.
+    """
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+        raise TypeError("mask must be a numpy.ndarray of dtype bool")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (Rows, Columns), got shape {mask.shape}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a number >= 0 pixels, got {tolerance}")
+    labels, regions = ndimage.label(mask)  # default structure: 4-connected
+    if regions == 0:
+        raise ValueError("mask has no pixel set: there is no region to outline")
+    sizes = np.bincount(labels.ravel())[1:]
+    region = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    padded = np.pad(region, 1).astype(np.uint8)
+    # fully_connected="low": background pixels touching only at a corner are
+    # joined, so the foreground is traced 4-connected, as it was labelled.
+    contours = measure.find_contours(padded, 0.5, fully_connected="low")
+    # One closed contour: the region is 4-connected and has no holes.
+    (contour,) = contours
+    if tolerance > 0:
+        contour = measure.approximate_polygon(contour, tolerance)
+    # (padded row, padded column) -> (column, row): the padding shifts by one
+    # pixel, the pixel centre is half a pixel from its corner.
+    outline = np.column_stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5]).astype(np.float32)
+    if not np.array_equal(outline[0], outline[-1]):
+        outline = np.vstack([outline, outline[:1]])
+    return outline, regions
+
+
+def image_outline(rows: int, columns: int) -> np.ndarray:
+    """The border of a whole ``rows`` x ``columns`` image as a closed POLYLINE
+    in SCOORD coordinates (PS3.3 Table C.18.6-1: (column, row), from the top
+    left corner 0\\0 to the bottom right corner Columns\\Rows).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32``, shape ``(5, 2)``, clockwise on screen from the top left
+        corner, last point = first.
+
+    Raises
+    ------
+    ValueError
+        ``rows`` or ``columns`` is not a positive integer.
+    """
+    for name, value in (("rows", rows), ("columns", columns)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    c, r = float(columns), float(rows)
+    return np.array([[0, 0], [c, 0], [c, r], [0, r], [0, 0]], dtype=np.float32)
 
 
 def ensure_valid_values(dataset: Dataset, what: str) -> None:

@@ -10,8 +10,9 @@ For each frontal CR/DX image of the series the pipeline returns:
 
 - a SEG with one segment, "Pneumonia model attention (Grad-CAM)", on the
   source's pixel grid;
-- a TID 1500 SR with the probability, the operating threshold and the finding
-  Pneumonia present/absent, referencing the SEG segment and the source image.
+- a TID 1500 SR with one TID 1410 group: the outline of the attention region
+  on the source image, holding the probability, the operating threshold and
+  the finding Pneumonia present/absent.
 
 Lateral views are skipped (the models are trained on frontal views); a series
 with no usable frontal image fails with :class:`PipelineInputError`.
@@ -132,7 +133,7 @@ class PneumoniaPipeline:
                 seg, repairs = write_seg(ds, mask, algorithm=self.algorithm, context=context)
                 sr, _ = write_sr(
                     ds,
-                    seg,
+                    mask,
                     probability=prediction.probability,
                     threshold=self.threshold,
                     algorithm=self.algorithm,

@@ -7,15 +7,16 @@ be CR, DX or Secondary Capture) the pipeline returns two objects:
    the Grad-CAM attention region that drove the model's decision, on the
    source's pixel grid;
 2. :func:`write_sr`: a Comprehensive 3D SR holding a TID 1500 Measurement
-   Report: the pneumonia probability, the operating threshold, the finding
-   Pneumonia present/absent, and a TID 1410 group that references the SEG's
-   segment and, through it, the source image.
+   Report with one TID 1410 Planar ROI group: the outline of the attention
+   region on the source image (SCOORD POLYLINE), holding the pneumonia
+   probability, the operating threshold and the finding Pneumonia
+   present/absent.
 
 The pipeline's call::
 
     seg, seg_repairs = write_seg(source, mask, algorithm=algorithm, context=context)
     sr, sr_repairs = write_sr(
-        source, seg, probability=p, threshold=t, algorithm=algorithm, context=context
+        source, mask, probability=p, threshold=t, algorithm=algorithm, context=context
     )
     for repair in dict.fromkeys(seg_repairs + sr_repairs):
         context.log.info("source value repaired", repair=str(repair))
@@ -25,19 +26,32 @@ Both objects take patient and study attributes from a sanitised copy of the
 source (see :mod:`pipelines.common.sanitize`); ``repairs`` says what changed.
 Their UIDs are deterministic (:func:`pipelines.common.derived.derived_uids`).
 
+Why these forms (docs/architecture.md, "Chest radiograph SEG and SR"): a
+radiologist reviews them in OHIF 3.13.2, which
+
+- draws a SEG only with Pixel Measures and Plane Orientation, which a
+  source without Frame of Reference does not give highdicom (see
+  :func:`pipelines.common.derived.add_pixel_grid_geometry`);
+- crashes on any TID 1500 measurement group without spatial coordinates
+  (OHIF/Viewers #3390: groups derived from a SEG, and image-level TID 1501
+  groups, are not supported), so the one group carries a SCOORD.
+
 Codes (PS3.16; code values as tabulated in pydicom's ``pydicom.sr`` tables,
 which are generated from PS3.16):
 
-- Segmented Property Category: SCT 309825002 "Spatial and Relational
-  Concept" (CID 7150 Segmentation Property Categories). The segment is a
-  region the model attended to, not tissue, anatomy or a lesion.
-- Segmented Property Type: DCM 130403 "Gradient-weighted class activation"
-  (CID 217 Visual Explanation; CID 7151 is extensible). It names the method
-  that produced the region, so no reader mistakes it for the pneumonia itself.
-- Finding: SCT 233604007 "Pneumonia"; values SCT 52101004 "Present" /
-  SCT 272519000 "Absent" (CID 241 Present/Absent Only).
+- Segmented Property Category and the ROI's Finding Category: SCT 309825002
+  "Spatial and Relational Concept" (CID 7150 Segmentation Property
+  Categories). The region is one the model attended to, not tissue,
+  anatomy or a lesion.
+- Segmented Property Type and the ROI's Finding: DCM 130403
+  "Gradient-weighted class activation" (CID 217 Visual Explanation; CID 7151
+  is extensible). It names the method that produced the region, so no reader
+  mistakes it for the pneumonia itself.
+- Geometric purpose of the region: DCM 111041 "Outline" (CID 219).
+- Qualitative evaluation: SCT 233604007 "Pneumonia"; values SCT 52101004
+  "Present" / SCT 272519000 "Absent" (CID 241 Present/Absent Only).
 - Measurements: DCM 122157 "Probability" and DCM 122411 "Threshold Value"
-  (PS3.16 Annex D; TID 1501 takes measurement names from extensible CIDs),
+  (PS3.16 Annex D; TID 1419 takes measurement names from extensible CIDs),
   unit UCUM ``{probability}`` (a UCUM annotation: dimensionless, unit 1 with
   a label); finding site SCT 39607008 "Lung".
 - Procedure reported: SCT 363679005 "Imaging procedure" (CID 100).
@@ -54,7 +68,6 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import SegmentationStorage
 
 from pipelines.base import PipelineContext
 from pipelines.common.derived import (
@@ -62,15 +75,18 @@ from pipelines.common.derived import (
     AlgorithmDescription,
     Repair,
     add_patient_orientation,
+    add_pixel_grid_geometry,
     check_long_string,
     derived_uid,
     derived_uids,
+    device_observation_context,
     device_uid,
     ensure_valid_values,
     fit_long_string,
     image_library,
+    image_outline,
     insert_image_library,
-    referenced_segmentation_frame,
+    region_outline,
     sanitize_source,
     segmentation_source,
     series_description,
@@ -79,6 +95,7 @@ from pipelines.common.derived import (
 __all__ = [
     "PIPELINE",
     "SEGMENT_LABEL",
+    "WHOLE_IMAGE_LABEL",
     "write_seg",
     "write_sr",
 ]
@@ -88,6 +105,9 @@ PIPELINE = "pneumonia"
 
 #: Segment Label (0062,0005) of the attention segment.
 SEGMENT_LABEL = "Pneumonia model attention (Grad-CAM)"
+#: Tracking Identifier of the SR's region when the mask is empty: the
+#: outline is then the whole image and the probability an image-level result.
+WHOLE_IMAGE_LABEL = "Whole image (no Grad-CAM attention region)"
 #: Content Label (0070,0080), CS: at most 16 of A-Z 0-9 _ and space.
 CONTENT_LABEL = "PNEUMONIA_CAM"
 
@@ -105,7 +125,13 @@ PROBABILITY = codes.DCM.Probability  # DCM 122157
 THRESHOLD = codes.DCM.ThresholdValue  # DCM 122411
 PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
 LUNG = codes.SCT.Lung  # SCT 39607008
+OUTLINE = codes.DCM.Outline  # DCM 111041, CID 219
 PROCEDURE = codes.SCT.ImagingProcedure  # SCT 363679005, CID 100
+
+# Largest distance (pixels) of the SR's simplified outline from the traced
+# boundary of the mask: well under the pixel, a few hundred points at most
+# for a Grad-CAM region.
+_OUTLINE_TOLERANCE = 0.5
 
 # Orange, distinct from the greys of a radiograph (CIE L*a*b*, PS3.3 C.10.7.1.1).
 _DISPLAY_COLOR = hd.color.CIELabColor(70.0, 40.0, 70.0)
@@ -130,12 +156,17 @@ def write_seg(
     Algorithm Type AUTOMATIC with the model in its Algorithm Identification
     Sequence (family DCM 123110 "Artificial Intelligence", CID 7162).
 
-    Geometry is the source's own: one frame on its pixel grid. A projection
-    radiograph has no Frame of Reference; the SEG then has none either,
+    Geometry is the source's own: one frame on its pixel grid, tied to it
+    by the Derivation Image functional group (PS3.3 A.51.5.1). A projection
+    radiograph has no Frame of Reference; the SEG then has none either and
     carries the source's Patient Orientation (Type 2C, empty where the
-    source has no valid one) and no Pixel Measures (see
-    :func:`pipelines.common.derived.segmentation_source`); an invalid source
-    Pixel Spacing such as ``0\\0`` is also reported as a repair.
+    source has no valid one). Where the source states a valid Pixel Spacing
+    or Imager Pixel Spacing, the SEG also has shared Pixel Measures (that
+    spacing) and Plane Orientation ``1\\0\\0\\0\\1\\0`` (the identity of the
+    pixel grid), which OHIF needs to draw it; why, and the PS3.3 text, in
+    :func:`pipelines.common.derived.add_pixel_grid_geometry`. Without a
+    valid spacing (RG1_UNCR's ``0\\0``, reported as a repair) neither is
+    written.
 
     Parameters
     ----------
@@ -176,11 +207,7 @@ def write_seg(
         ``mask`` is not a boolean ``numpy.ndarray``.
     """
     _check_source(source)
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-        raise TypeError(f"mask must be a numpy.ndarray of dtype bool, got {_describe(mask)}")
-    expected = (int(source.Rows), int(source.Columns))
-    if mask.shape != expected:
-        raise ValueError(f"mask has shape {mask.shape}, expected (Rows, Columns) = {expected} of the source")
+    _check_mask(mask, source)
     check_long_string(context.manufacturer, "PipelineContext.manufacturer")
 
     proxy, repairs = sanitize_source(source)
@@ -193,7 +220,7 @@ def write_seg(
         segmented_property_type=ATTENTION_TYPE,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm.segmentation_identification(),
-        # Tracking UID/ID let the SR's TID 1410 group name this very region.
+        # Tracking UID/ID identify this region for any later report (PS3.3 C.8.20.2).
         tracking_uid=derived_uid(context.uid_prefix, "tracking", str(uids.sop_instance_uid), "1"),
         tracking_id=SEGMENT_LABEL,
         display_color=_DISPLAY_COLOR,
@@ -230,13 +257,15 @@ def write_seg(
         series_description=series_description(PIPELINE, algorithm, "SEG"),
     )
     add_patient_orientation(seg, proxy)
+    if "FrameOfReferenceUID" not in seg:
+        add_pixel_grid_geometry(seg, proxy)
     ensure_valid_values(seg, "SEG")
     return seg, repairs
 
 
 def write_sr(
     source: Dataset,
-    seg: Dataset,
+    mask: np.ndarray,
     *,
     probability: float,
     threshold: float,
@@ -252,25 +281,46 @@ def write_sr(
     - TID 1001 observation context: a Device observer (TID 1004) named after
       the model, with the node's Manufacturer and a UID per model version;
     - TID 1600 image library naming the source image;
-    - a TID 1501 group: finding SCT "Pneumonia" at site SCT "Lung",
-      measurements DCM "Probability" = ``probability`` and DCM "Threshold
-      Value" = ``threshold`` (unit UCUM ``{probability}``), qualitative
-      evaluation Pneumonia = SCT "Present" if ``probability >= threshold``
-      else SCT "Absent", the source image as Source of the group, and the
-      model in TID 4019 Algorithm Identification;
-    - a TID 1410 group referencing segment 1 of ``seg`` (Referenced
-      Segmentation Frame, with the source image as Source image for
-      segmentation), its tracking identifier the segment's Tracking UID.
+    - one TID 1410 Planar ROI group:
+
+      - Image Region: a closed SCOORD POLYLINE on the source image (the SCOORD
+        is SELECTED FROM the source: this is the SR's reference to it),
+        geometric purpose DCM "Outline". With attention pixels in ``mask``
+        it outlines the largest 4-connected region, holes filled
+        (:func:`pipelines.common.derived.region_outline`), finding category
+        SCT "Spatial and Relational Concept", finding DCM "Gradient-weighted
+        class activation", Tracking Identifier :data:`SEGMENT_LABEL` (with
+        "largest of n regions" when there are several; the SEG holds them
+        all). With an empty ``mask`` it outlines the whole image, Tracking
+        Identifier :data:`WHOLE_IMAGE_LABEL`, no finding: the probability is
+        then plainly an image-level result. The probability is the model's
+        output for the whole image in both cases; the outline shows where the
+        model looked.
+      - measurements (TID 1419) DCM "Probability" = ``probability`` and DCM
+        "Threshold Value" = ``threshold``, unit UCUM ``{probability}``;
+      - qualitative evaluation Pneumonia = SCT "Present" if
+        ``probability >= threshold`` else SCT "Absent";
+      - finding site SCT "Lung" and the model in TID 4019 Algorithm
+        Identification.
+
+    There is no group without coordinates (OHIF 3.13.2 crashes on one,
+    OHIF/Viewers #3390) and no reference to the SEG: TID 1410 takes either an
+    Image Region or a Referenced Segmentation Frame, not both. The SEG is
+    therefore not in the evidence either: Current Requested Procedure
+    Evidence lists what the content references (PS3.3 C.17.2.3), here the
+    source image.
 
     The report is COMPLETE, UNVERIFIED and PRELIMINARY: a machine's result
-    for a radiologist to review. Evidence lists the source and the SEG.
+    for a radiologist to review.
 
     Parameters
     ----------
     source:
-        The chest radiograph the SEG was made from (as for :func:`write_seg`).
-    seg:
-        The Segmentation returned by :func:`write_seg` for ``source``.
+        The chest radiograph (as for :func:`write_seg`).
+    mask:
+        The same ``bool`` array ``(Rows, Columns)`` that :func:`write_seg`
+        was given: ``True`` where the Grad-CAM map is above the pipeline's
+        threshold; may be all ``False``.
     probability:
         The model's pneumonia probability in [0, 1] (dimensionless).
     threshold:
@@ -290,38 +340,39 @@ def write_sr(
     ------
     ValueError
         ``probability`` or ``threshold`` is not a finite number in [0, 1];
-        ``seg`` is not a Segmentation of ``source``'s study referencing
-        ``source``; or as :func:`write_seg`.
+        ``mask`` has another shape than the source; or as :func:`write_seg`.
+    TypeError
+        ``mask`` is not a boolean ``numpy.ndarray``.
     """
     _check_source(source)
     probability = _unit_interval(probability, "probability")
     threshold = _unit_interval(threshold, "threshold")
-    _check_seg(seg, source)
+    _check_mask(mask, source)
     check_long_string(context.manufacturer, "PipelineContext.manufacturer")
 
     proxy, repairs = sanitize_source(source)
     prefix = context.uid_prefix
     uids = derived_uids([proxy], pipeline=PIPELINE, algorithm=algorithm, kind="SR", prefix=prefix)
 
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_uid(algorithm, prefix),
-        name=algorithm.label,
-        manufacturer_name=context.manufacturer,
-        model_name=algorithm.name,
-    )
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
-        )
-    )
+    if mask.any():
+        outline, regions = region_outline(mask, tolerance=_OUTLINE_TOLERANCE)
+        label = SEGMENT_LABEL if regions == 1 else f"{SEGMENT_LABEL}, largest of {regions} regions"
+        finding = {"finding_category": ATTENTION_CATEGORY, "finding_type": ATTENTION_TYPE}
+    else:
+        outline = image_outline(int(proxy.Rows), int(proxy.Columns))
+        label, finding = WHOLE_IMAGE_LABEL, {}
 
-    classification = hd.sr.MeasurementsAndQualitativeEvaluations(
+    region = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(prefix, "tracking", str(uids.sop_instance_uid), "classification"),
-            identifier="Pneumonia classification",
+            uid=derived_uid(prefix, "tracking", str(uids.sop_instance_uid), "region"),
+            identifier=label,
         ),
-        finding_type=PNEUMONIA,
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion(proxy.SOPClassUID, proxy.SOPInstanceUID),
+        ),
+        geometric_purpose=OUTLINE,
         finding_sites=[hd.sr.FindingSite(LUNG)],
         algorithm_id=algorithm.sr_identification(),
         measurements=[
@@ -331,31 +382,19 @@ def write_sr(
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if probability >= threshold else ABSENT)
         ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(proxy)],
-    )
-
-    segment = seg.SegmentSequence[0]
-    attention = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=segment.TrackingUID,
-            identifier=segment.SegmentLabel,
-        ),
-        referenced_segment=referenced_segmentation_frame(seg, int(segment.SegmentNumber), proxy),
-        finding_category=ATTENTION_CATEGORY,
-        finding_type=ATTENTION_TYPE,
-        algorithm_id=algorithm.sr_identification(),
+        **finding,
     )
 
     report = hd.sr.MeasurementReport(
-        observation_context=observation_context,
+        observation_context=device_observation_context(algorithm, manufacturer=context.manufacturer, prefix=prefix),
         procedure_reported=PROCEDURE,
-        imaging_measurements=[classification, attention],
+        imaging_measurements=[region],
         title=codes.cid7021.ImagingMeasurementReport,
     )
     insert_image_library(report, image_library([proxy]))
 
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[proxy, seg],
+        evidence=[proxy],
         content=report[0],
         series_instance_uid=uids.series_instance_uid,
         series_number=series_number,
@@ -388,23 +427,12 @@ def _check_source(source: Dataset) -> None:
             raise ValueError(f"{keyword} of the source is missing")
 
 
-def _check_seg(seg: Dataset, source: Dataset) -> None:
-    if not isinstance(seg, Dataset) or seg.get("SOPClassUID") != SegmentationStorage:
-        raise ValueError("seg must be a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4)")
-    if seg.get("StudyInstanceUID") != source.get("StudyInstanceUID"):
-        raise ValueError(
-            f"StudyInstanceUID of seg ({seg.get('StudyInstanceUID')}) differs from the source's "
-            f"({source.get('StudyInstanceUID')})"
-        )
-    referenced = {
-        str(instance.ReferencedSOPInstanceUID)
-        for series in seg.get("ReferencedSeriesSequence", [])
-        for instance in series.get("ReferencedInstanceSequence", [])
-    }
-    if str(source.SOPInstanceUID) not in referenced:
-        raise ValueError(f"seg does not reference the source image {source.SOPInstanceUID}")
-    if not seg.get("SegmentSequence"):
-        raise ValueError("SegmentSequence of seg is empty")
+def _check_mask(mask: object, source: Dataset) -> None:
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+        raise TypeError(f"mask must be a numpy.ndarray of dtype bool, got {_describe(mask)}")
+    expected = (int(source.Rows), int(source.Columns))
+    if mask.shape != expected:
+        raise ValueError(f"mask has shape {mask.shape}, expected (Rows, Columns) = {expected} of the source")
 
 
 def _unit_interval(value: object, attribute: str) -> float:
