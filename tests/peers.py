@@ -1,13 +1,15 @@
 """Real peers for integration tests: Orthanc, the node as a process, dcmtk.
 
 Nothing here imitates a PACS: :class:`Orthanc` runs the Debian ``Orthanc``
-binary with the DICOMweb plugin on free loopback ports, and :func:`storescu`
-runs dcmtk's.
+binary with the DICOMweb plugin on free loopback ports,
+:class:`DeployedOrthanc` runs it with ``deploy/orthanc/`` exactly as shipped
+(auto-routing to the node), and :func:`storescu` runs dcmtk's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -24,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: The Orthanc configuration we ship (loads deploy/orthanc/autoroute.lua).
+DEPLOY_CONFIG = REPO / "deploy" / "orthanc" / "orthanc.json"
 
 
 def free_port() -> int:
@@ -53,6 +57,14 @@ def have_orthanc() -> bool:
 
 def have_dcmtk() -> bool:
     return shutil.which("storescu") is not None
+
+
+def require_orthanc() -> None:
+    """Fail (not skip), naming the Debian packages, where Orthanc is missing."""
+    import pytest
+
+    if not have_orthanc():
+        pytest.fail("Orthanc with the DICOMweb plugin is required: apt-get install orthanc orthanc-dicomweb")
 
 
 class Orthanc:
@@ -133,6 +145,58 @@ class Orthanc:
         r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
         r.raise_for_status()
         return r.content
+
+
+class DeployedOrthanc(Orthanc):
+    """Orthanc started with ``deploy/orthanc/orthanc.json`` as it is.
+
+    The file reads ports, storage and the node's address from ``ORTHANC_*``
+    environment variables (``${VAR:-default}``); nothing else is changed.
+    ``stable_age`` is in seconds (the shipped default is 5; 1 keeps tests
+    short). The REST helpers are :class:`Orthanc`'s.
+    """
+
+    def __init__(self, workdir: Path, *, node_port: int, stable_age: int = 1):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.aet = "ORTHANC"
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
+        self.config_path = DEPLOY_CONFIG
+        self.log_path = self.workdir / "orthanc.log"
+        self.env = {
+            "ORTHANC_HTTP_PORT": str(self.http_port),
+            "ORTHANC_DICOM_PORT": str(self.dicom_port),
+            "ORTHANC_STORAGE_DIR": str(self.workdir / "db"),
+            "ORTHANC_NODE_AET": "AINODE",
+            "ORTHANC_NODE_HOST": "127.0.0.1",
+            "ORTHANC_NODE_PORT": str(node_port),
+            "ORTHANC_STABLE_AGE": str(stable_age),
+        }
+        self.proc = None
+
+    def start(self, timeout: float = 30) -> DeployedOrthanc:
+        # Unset inherited ORTHANC_* so only our values (or the file's
+        # defaults) apply.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORTHANC_")} | self.env
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([ORTHANC_BIN, str(DEPLOY_CONFIG)], stdout=log, stderr=log, cwd=self.workdir, env=env)
+        wait_for(lambda: requests.get(f"{self.url}/system", timeout=1).ok, timeout, what="Orthanc HTTP")
+        return self
+
+    def lua_lines(self) -> list[str]:
+        """What autoroute.lua printed: its routing decisions."""
+        text = self.log_path.read_text(errors="replace")
+        return re.findall(r"Lua says: (ainode: .*)", text)
+
+    def store(self, path_or_bytes: Path | bytes) -> dict:
+        """``POST /instances``, as a modality's upload or a user's import."""
+        body = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+        r = requests.post(f"{self.url}/instances", data=body, timeout=60)
+        r.raise_for_status()
+        return r.json()
 
 
 # storescu proposes only uncompressed syntaxes unless told which compressed

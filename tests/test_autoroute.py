@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import sqlite3
 import subprocess
 import time
@@ -22,73 +21,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from tests.peers import ORTHANC_BIN, REPO, NodeProcess, Orthanc, free_port, have_orthanc, wait_for
+from tests.peers import DeployedOrthanc, NodeProcess, free_port, require_orthanc, wait_for
 from tests.test_end_to_end import _record_latency, check_results, derived_in_orthanc, write_node_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DEPLOY_CONFIG = REPO / "deploy" / "orthanc" / "orthanc.json"
 STABLE_AGE = 1  # seconds; the shipped default is 5
 CLOSE_DELAY = 1  # DicomAssociationCloseDelay, as shipped
-
-
-class DeployedOrthanc(Orthanc):
-    """Orthanc started with ``deploy/orthanc/orthanc.json`` as it is.
-
-    The file reads ports, storage and the node's address from ``ORTHANC_*``
-    environment variables (``${VAR:-default}``); nothing else is changed.
-    The REST helpers are :class:`tests.peers.Orthanc`'s.
-    """
-
-    def __init__(self, workdir: Path, *, node_port: int, stable_age: int = STABLE_AGE):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.aet = "ORTHANC"
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.dicomweb_url = f"{self.url}/dicom-web"
-        self.config_path = DEPLOY_CONFIG
-        self.log_path = self.workdir / "orthanc.log"
-        self.env = {
-            "ORTHANC_HTTP_PORT": str(self.http_port),
-            "ORTHANC_DICOM_PORT": str(self.dicom_port),
-            "ORTHANC_STORAGE_DIR": str(self.workdir / "db"),
-            "ORTHANC_NODE_AET": "AINODE",
-            "ORTHANC_NODE_HOST": "127.0.0.1",
-            "ORTHANC_NODE_PORT": str(node_port),
-            "ORTHANC_STABLE_AGE": str(stable_age),
-        }
-        self.proc = None
-
-    def start(self, timeout: float = 30) -> DeployedOrthanc:
-        # Unset inherited ORTHANC_* so only our values (or the file's
-        # defaults) apply.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORTHANC_")} | self.env
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([ORTHANC_BIN, str(DEPLOY_CONFIG)], stdout=log, stderr=log, cwd=self.workdir, env=env)
-        wait_for(lambda: requests.get(f"{self.url}/system", timeout=1).ok, timeout, what="Orthanc HTTP")
-        return self
-
-    def lua_lines(self) -> list[str]:
-        """What autoroute.lua printed: its routing decisions."""
-        text = self.log_path.read_text(errors="replace")
-        return re.findall(r"Lua says: (ainode: .*)", text)
-
-    def store(self, path_or_bytes: Path | bytes) -> dict:
-        """``POST /instances``, as a modality's upload or a user's import."""
-        body = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
-        r = requests.post(f"{self.url}/instances", data=body, timeout=60)
-        r.raise_for_status()
-        return r.json()
-
-
-def require_orthanc() -> None:
-    if not have_orthanc():
-        pytest.fail("Orthanc with the DICOMweb plugin is required: apt-get install orthanc orthanc-dicomweb")
 
 
 def _utc(text: str) -> float:
@@ -99,7 +40,7 @@ def _utc(text: str) -> float:
 def test_deployed_config_takes_ports_and_node_from_environment(tmp_path):
     """The ``${VAR:-default}`` substitution really is applied by Orthanc 1.10."""
     require_orthanc()
-    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=34567).start()
+    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=34567, stable_age=STABLE_AGE).start()
     try:
         system = pacs.get("/system")
         assert (system["HttpPort"], system["DicomPort"], system["DicomAet"]) == (pacs.http_port, pacs.dicom_port, "ORTHANC")
@@ -116,7 +57,7 @@ def autorouted(tmp_path):
     """Orthanc from deploy/orthanc/ auto-routing to a real node that sends its
     results back to that Orthanc over C-STORE."""
     require_orthanc()
-    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=0)
+    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=0, stable_age=STABLE_AGE)
     config, ports = write_node_config(tmp_path, pacs, "dicom")
     pacs.env["ORTHANC_NODE_PORT"] = str(ports["node"])
     pacs.start()
@@ -219,7 +160,7 @@ class Storescp:
 def test_routing_rules_forward_only_what_the_node_can_use(tmp_path, dcmtk):
     require_orthanc()
     scp = Storescp(tmp_path)
-    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=scp.port).start()
+    pacs = DeployedOrthanc(tmp_path / "orthanc", node_port=scp.port, stable_age=STABLE_AGE).start()
     try:
         def decided(n: int) -> list[str]:
             return wait_for(lambda: len(pacs.lua_lines()) >= n and pacs.lua_lines(), 30, 0.1, f"{n} routing decisions")
