@@ -6,6 +6,14 @@ the weight file (path relative to the card, with its SHA-256), the input spec
 the preprocessing follows, the output labels, the operating point, the licence
 and intended use, the training data and the metrics measured on held-out data.
 
+Classification cards (radiographs) describe their input with :class:`InputSpec`
+and their outputs with :class:`OutputSpec`. Segmentation cards (multi-sequence
+MR volumes, e.g. BraTS) use :class:`VolumeInputSpec` (``volume_input``: channel
+order, voxel spacing, axis layout, normalisation) and :class:`SegmentationSpec`
+(``segmentation``: output channels, activation, threshold, sliding window, the
+priority-ordered map from channels to labels and the label regions), which
+express the MONAI ``brats_mri_segmentation`` bundle's ``inference.json``.
+
 The fields follow the "Model Cards for Model Reporting" structure (Mitchell et
 al., FAT* 2019, arXiv:1810.03993) and the metadata of MONAI bundles
 (``configs/metadata.json``), reduced to what the node uses.
@@ -121,6 +129,158 @@ class OutputSpec(_Strict):
         return self.labels.index(self.target)
 
 
+#: Spatial layouts of a volume handed to the network, relative to the node's
+#: ``(C, D, H, W)`` array (D = slices inferior->superior, H = rows
+#: anterior->posterior, W = columns right->left: LPS, as SimpleITK's
+#: ``GetArrayFromImage`` gives an LPS-oriented image). ``"zyx"`` uses it as it
+#: is; ``"xyz"`` transposes it to ``(C, W, H, D)``, the layout nibabel reads
+#: BraTS NIfTI files in and the MONAI bundle was trained in.
+ArrayAxes = Literal["zyx", "xyz"]
+
+
+class VolumeInputSpec(_Strict):
+    """How a multi-sequence volume must be prepared for a 3-D segmentation network.
+
+    Attributes
+    ----------
+    modalities:
+        DICOM Modality (0008,0060) values the model was trained for.
+    channels:
+        Sequence roles in network input channel order, e.g. ``["T1c", "T1",
+        "T2", "FLAIR"]`` (the MONAI bundle's ``channel_def``). Unique.
+    spacing_mm:
+        Voxel size (mm) the network expects, per spatial axis of the network
+        input (the order of ``array_axes``).
+    array_axes:
+        Spatial layout of the network input, see :data:`ArrayAxes`.
+    normalisation:
+        ``"zscore_nonzero_channelwise"``: MONAI ``NormalizeIntensity(nonzero=True,
+        channel_wise=True)``, i.e. each channel z-scored over its non-zero voxels.
+    skull_stripped:
+        The model was trained on skull-stripped, co-registered volumes (BraTS).
+    """
+
+    modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
+    channels: list[str] = Field(min_length=1)
+    spacing_mm: tuple[float, float, float]
+    array_axes: ArrayAxes = "zyx"
+    normalisation: Literal["zscore_nonzero_channelwise"] = "zscore_nonzero_channelwise"
+    skull_stripped: bool = True
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or not all(v):
+            raise ValueError(f"expected unique, non-empty sequence roles, got {v}")
+        return v
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(math.isfinite(s) and 0.05 <= s <= 20.0 for s in v):
+            raise ValueError(f"expected voxel sizes in [0.05, 20] mm, got {v}")
+        return v
+
+
+class SlidingWindow(_Strict):
+    """MONAI ``sliding_window_inference`` settings (the bundle's ``inferer``).
+
+    Attributes
+    ----------
+    roi_size:
+        Window size in voxels, per spatial axis of the network input.
+    overlap:
+        Fraction of a window shared with its neighbour, in [0, 1).
+    sw_batch_size:
+        Windows per forward pass.
+    mode:
+        How overlapping windows are blended (MONAI ``BlendMode``).
+    """
+
+    roi_size: tuple[int, int, int]
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(1, ge=1)
+    mode: Literal["constant", "gaussian"] = "constant"
+
+    @field_validator("roi_size")
+    @classmethod
+    def _roi(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(8 <= s <= 1024 for s in v):
+            raise ValueError(f"expected 8..1024 voxels per axis, got {v}")
+        return v
+
+
+class LabelRule(_Strict):
+    """One step of the channel -> label map: voxels whose ``channel`` is on get
+    ``label``, unless an earlier rule already labelled them."""
+
+    channel: str = Field(min_length=1)
+    label: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1, description="What the label means, e.g. 'GD-enhancing tumour (ET)'.")
+
+
+class SegmentationSpec(_Strict):
+    """What a segmentation network's outputs mean and how they become labels.
+
+    Attributes
+    ----------
+    channels:
+        Output channel names in output order, e.g. ``["TC", "WT", "ET"]``.
+    activation:
+        Applied to the logits per channel (the bundle's ``Activationsd(sigmoid=True)``).
+    threshold:
+        A channel is on where its probability is ``>= threshold`` (MONAI
+        ``AsDiscrete(threshold=...)``).
+    label_rules:
+        The label map in priority order. The BraTS map of the bundle's
+        ``Lambdad`` is ``[ET -> 4, TC -> 1, WT -> 2]``: ET wins, then TC, then WT.
+    regions:
+        Output channel -> the labels that make up its region (the BraTS
+        evaluation regions: TC = {1, 4}, WT = {1, 2, 4}, ET = {4}; MONAI
+        ``ConvertToMultiChannelBasedOnBratsClasses``). Training targets and Dice
+        use them.
+    sliding_window:
+        See :class:`SlidingWindow`.
+    """
+
+    channels: list[str] = Field(min_length=1)
+    activation: Literal["sigmoid"] = "sigmoid"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    label_rules: list[LabelRule] = Field(min_length=1)
+    regions: dict[str, list[int]]
+    sliding_window: SlidingWindow
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SegmentationSpec:
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"segmentation.channels: names must be unique, got {self.channels}")
+        labels = [r.label for r in self.label_rules]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"segmentation.label_rules: labels must be unique, got {labels}")
+        for r in self.label_rules:
+            if r.channel not in self.channels:
+                raise ValueError(f"segmentation.label_rules: channel {r.channel!r} is not one of {self.channels}")
+        if set(self.regions) != set(self.channels):
+            raise ValueError(
+                f"segmentation.regions: keys {sorted(self.regions)} must be the channels {sorted(self.channels)}"
+            )
+        for ch, members in self.regions.items():
+            if not members or not set(members) <= set(labels):
+                raise ValueError(f"segmentation.regions[{ch!r}]: {members} must be non-empty labels of label_rules")
+        for r in self.label_rules:
+            if r.label not in self.regions[r.channel]:
+                raise ValueError(
+                    f"segmentation.regions[{r.channel!r}] lacks label {r.label}, which label_rules assigns from "
+                    f"channel {r.channel!r}"
+                )
+        return self
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Label value -> meaning, in rule order."""
+        return {r.label: r.name for r in self.label_rules}
+
+
 class OperatingPoint(_Strict):
     """Decision threshold for :attr:`OutputSpec.target`.
 
@@ -137,12 +297,25 @@ class OperatingPoint(_Strict):
 
 class Weights(_Strict):
     """The weight file: ``path`` is relative to the card's directory (or
-    absolute); ``sha256`` is the lower-case hex digest of its bytes."""
+    absolute); ``sha256`` is the lower-case hex digest of its bytes.
+
+    For ``format == "monai_bundle"``, ``path`` is the bundle directory,
+    ``sha256`` covers ``models/model.pt`` and ``config_sha256`` (when given)
+    covers ``configs/inference.json``: MONAI's ``ConfigParser`` evaluates
+    ``$`` expressions in that file, so it is checked like code before it is read.
+    """
 
     format: Literal["state_dict", "torchscript", "monai_bundle"]
     path: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     dtype: Literal["float32", "float16"] = "float32"
+    config_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _config_hash_only_for_bundles(self) -> Weights:
+        if self.config_sha256 is not None and self.format != "monai_bundle":
+            raise ValueError("weights.config_sha256 is only meaningful for format 'monai_bundle'")
+        return self
 
 
 class Licence(_Strict):
@@ -245,8 +418,10 @@ class ModelCard(_Strict):
     task: Literal["classification", "segmentation"]
     description: str = Field(min_length=1)
     architecture: Architecture
-    input: InputSpec
-    output: OutputSpec
+    input: InputSpec | None = None
+    output: OutputSpec | None = None
+    volume_input: VolumeInputSpec | None = None
+    segmentation: SegmentationSpec | None = None
     operating_point: OperatingPoint | None = None
     weights: Weights
     licence: Licence
@@ -256,6 +431,34 @@ class ModelCard(_Strict):
     training: TrainingRun | None = None
     metrics: list[Metric] = Field(default_factory=list)
     references: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ModelCard:
+        # Each task has its own input/output description; a card must not mix them.
+        need = {"classification": ("input", "output"), "segmentation": ("volume_input", "segmentation")}
+        for task, fields in need.items():
+            for f in fields:
+                present = getattr(self, f) is not None
+                if task == self.task and not present:
+                    raise ValueError(f"{f}: required for task {self.task!r}")
+                if task != self.task and present:
+                    raise ValueError(f"{f}: only allowed for task {task!r}, this card's task is {self.task!r}")
+        if self.segmentation is not None:
+            if self.architecture.params.get("out_channels", len(self.segmentation.channels)) != len(
+                self.segmentation.channels
+            ):
+                raise ValueError(
+                    f"segmentation.channels: {len(self.segmentation.channels)} names, but architecture.params."
+                    f"out_channels is {self.architecture.params['out_channels']}"
+                )
+            if self.architecture.params.get("in_channels", len(self.volume_input.channels)) != len(
+                self.volume_input.channels
+            ):
+                raise ValueError(
+                    f"volume_input.channels: {len(self.volume_input.channels)} roles, but architecture.params."
+                    f"in_channels is {self.architecture.params['in_channels']}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _finite(self) -> ModelCard:

@@ -9,9 +9,14 @@ verifies the SHA-256 of its weight file first and only then reads it, offline:
   ``strict=True``;
 * ``torchscript``: ``torch.jit.load``;
 * ``monai_bundle``: a bundle directory (``configs/metadata.json``,
-  ``configs/inference.json``, ``models/model.pt``); the network is
-  ``network_def`` of ``configs/inference.json`` (MONAI ``ConfigParser``), the
-  hash covers ``models/model.pt``.
+  ``configs/inference.json``, ``models/model.pt``), e.g. the MONAI model-zoo
+  ``brats_mri_segmentation`` bundle unchanged; the network is ``network_def``
+  of ``configs/inference.json`` (MONAI ``ConfigParser``), the hash covers
+  ``models/model.pt`` and, when the card gives ``weights.config_sha256``,
+  ``configs/inference.json`` too (``ConfigParser`` evaluates its ``$``
+  expressions, so it is checked like code). For segmentation cards the card's
+  ``architecture`` must name ``network_def``'s ``_target_`` and parameters,
+  which :func:`models.bundle_import.import_monai_bundle` copies from it.
 
 The registry is read-only after construction and safe to share between threads.
 """
@@ -19,6 +24,7 @@ The registry is read-only after construction and safe to share between threads.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,7 @@ from torch import nn
 
 from models.card import ModelCard
 from models.densenet import GRADCAM_LAYER, XRVDenseNet121
+from models.segresnet import build_segresnet
 
 #: The folder of the cards shipped with the package.
 SHIPPED_CARDS = Path(__file__).resolve().parent / "cards"
@@ -54,7 +61,11 @@ class ArchitectureSpec:
 
 #: Architectures that ``state_dict`` cards may name.
 ARCHITECTURES: Mapping[str, ArchitectureSpec] = MappingProxyType(
-    {"xrv-densenet121": ArchitectureSpec(XRVDenseNet121, GRADCAM_LAYER)}
+    {
+        "xrv-densenet121": ArchitectureSpec(XRVDenseNet121, GRADCAM_LAYER),
+        # MONAI SegResNet (Myronenko 2018, arXiv:1810.11654), as in the brats_mri_segmentation bundle
+        "monai-segresnet": ArchitectureSpec(build_segresnet),
+    }
 )
 
 
@@ -160,18 +171,23 @@ class ModelRegistry:
         """
         card = self.card(name)
         path = self.weights_path(name)
-        hashed = path / "models" / "model.pt" if card.weights.format == "monai_bundle" else path
-        if not hashed.is_file():
-            raise FileNotFoundError(
-                f"model {name!r}: weight file {hashed} not found (card {self.card_path(name)}, weights.path "
-                f"{card.weights.path!r})"
-            )
-        actual = sha256_file(hashed)
-        if actual != card.weights.sha256:
-            raise WeightsIntegrityError(
-                f"model {name!r}: SHA-256 of {hashed} is {actual}, but the card {self.card_path(name)} "
-                f"expects {card.weights.sha256}; refusing to load"
-            )
+        bundle = card.weights.format == "monai_bundle"
+        hashed = path / "models" / "model.pt" if bundle else path
+        checks = [(hashed, card.weights.sha256)]
+        if bundle and card.weights.config_sha256 is not None:
+            checks.append((path / "configs" / "inference.json", card.weights.config_sha256))
+        for file, expected in checks:
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"model {name!r}: file {file} not found (card {self.card_path(name)}, weights.path "
+                    f"{card.weights.path!r})"
+                )
+            actual = sha256_file(file)
+            if actual != expected:
+                raise WeightsIntegrityError(
+                    f"model {name!r}: SHA-256 of {file} is {actual}, but the card {self.card_path(name)} "
+                    f"expects {expected}; refusing to load"
+                )
         return hashed
 
     def load(self, name: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -204,7 +220,7 @@ class ModelRegistry:
         elif fmt == "torchscript":
             model = torch.jit.load(str(path), map_location="cpu")
         elif fmt == "monai_bundle":
-            model = _load_monai_bundle(self.weights_path(name), path)
+            model = _load_monai_bundle(self.weights_path(name), path, card)
         else:  # pragma: no cover - the card schema allows only the above
             raise ValueError(f"model {name!r}: unknown weights.format {fmt!r}")
         return model.to(device).eval()
@@ -237,15 +253,47 @@ class ModelRegistry:
         return model
 
 
-def _load_monai_bundle(bundle: Path, weights: Path) -> nn.Module:
+def bundle_network_def(bundle: Path) -> tuple[str, dict]:
+    """``_target_`` (last dotted part, e.g. ``"SegResNet"``) and the other
+    arguments of ``network_def`` in a bundle's ``configs/inference.json``, as
+    written (nothing is evaluated).
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``configs/inference.json``.
+    ValueError
+        The file is not JSON or has no ``network_def`` with a ``_target_``.
+    """
+    config = Path(bundle) / "configs" / "inference.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"MONAI bundle {bundle}: {config} not found")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"MONAI bundle {bundle}: {config} is not valid JSON: {exc}") from exc
+    net = raw.get("network_def") if isinstance(raw, dict) else None
+    if not isinstance(net, dict) or not isinstance(net.get("_target_"), str):
+        raise ValueError(f"MONAI bundle {bundle}: {config} has no network_def with a _target_")
+    return net["_target_"].rsplit(".", 1)[-1], {k: v for k, v in net.items() if not k.startswith("_")}
+
+
+def _load_monai_bundle(bundle: Path, weights: Path, card: ModelCard) -> nn.Module:
     """``network_def`` of a MONAI bundle with ``models/model.pt`` loaded
     strictly. The bundle's config is parsed by MONAI's ``ConfigParser``;
     only ``network_def`` and what it references are instantiated."""
     from monai.bundle import ConfigParser
 
     config = bundle / "configs" / "inference.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"MONAI bundle {bundle}: {config} not found")
+    target, args = bundle_network_def(bundle)
+    if card.task == "segmentation":
+        # The pipeline trusts the card's channel counts; they must describe this network_def.
+        want = json.loads(json.dumps(card.architecture.params))
+        if card.architecture.name != target or want != json.loads(json.dumps(args)):
+            raise ValueError(
+                f"model {card.name!r}: the card's architecture {card.architecture.name} {want} differs from "
+                f"network_def {target} {args} in {config}"
+            )
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["bundle_root"] = str(bundle)

@@ -21,7 +21,9 @@ app = typer.Typer(help="dicom-ai-node: a DICOM AI node.", no_args_is_help=True, 
 config_app = typer.Typer(help="Validate and show the configuration.", no_args_is_help=True)
 models_app = typer.Typer(help="Model cards and weights.", no_args_is_help=True)
 train_app = typer.Typer(help="Train demonstration weights on local data.", no_args_is_help=True)
+tools_app = typer.Typer(help="Tools for building test studies.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(tools_app, name="tools")
 app.add_typer(models_app, name="models")
 app.add_typer(train_app, name="train")
 
@@ -284,6 +286,23 @@ def models_import_xrv(
     typer.echo(f"wrote {card}; set [models] card_dirs = [\"{out}\"] and [pipelines.pneumonia] model = \"{name}\"")
 
 
+@models_app.command("import-bundle")
+def models_import_bundle(
+    bundle: Annotated[Path, typer.Argument(help="MONAI bundle folder (configs/metadata.json, configs/inference.json, models/model.pt).")],
+    out: Annotated[Path, typer.Option(help="Card folder to write to (list it in [models] card_dirs).")],
+    name: Annotated[str, typer.Option(help="Card name.")] = "brats-mri-segmentation",
+) -> None:
+    """Write a model card for a MONAI bundle (e.g. brats_mri_segmentation), used in place, offline."""
+    from models.bundle_import import import_monai_bundle
+
+    try:
+        card = import_monai_bundle(bundle, out, name=name)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {card}; set [models] card_dirs = [\"{out}\"] and [pipelines.brain_tumour] model = \"{name}\"")
+
+
 @train_app.command("pneumonia")
 def train_pneumonia_cmd(
     data: Annotated[Path, typer.Option(help="cxr14 folder: labels.csv and images/*.png (read in place).")],
@@ -320,6 +339,47 @@ def train_pneumonia_cmd(
         ci = f" (95% CI {m.ci95_low:.3f}-{m.ci95_high:.3f})" if m.ci95_low is not None else ""
         typer.echo(f"{m.name} [{m.split.split(' (')[0]}]: {m.value:.3f}{ci}, n={m.n}")
     typer.echo(f"wrote {result.card_path} and {result.weights_path} in {result.wall_time_s / 60:.1f} min")
+
+
+@train_app.command("brain-tumour", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_brain_tumour_cmd(ctx: typer.Context) -> None:
+    """Train the brain tumour demonstration weights (SegResNet, BraTS labels) and write their model card.
+
+    Takes the options of ``python -m pipelines.brain_tumour.train``, e.g.
+    ``ainode train brain-tumour --data ../shared/data/brats/TCGA-FG-6692-preprocessed --out models``;
+    ``python -m pipelines.brain_tumour.train --help`` lists them. Reports Dice TC/WT/ET on held-out
+    data in the card.
+    """
+    from pipelines.brain_tumour.train import main as train_main
+
+    raise typer.Exit(train_main(list(ctx.args)))
+
+
+@tools_app.command("nifti-to-dicom")
+def nifti_to_dicom_cmd(
+    case_dir: Annotated[Path, typer.Argument(help="BraTS-style case folder: *-t1n/-t1c/-t2w/-t2f or *_t1/_t1c/_t2/_fla(ir) .nii.gz.")],
+    out: Annotated[Path, typer.Option(help="Folder for the DICOM study (one subfolder per series).")],
+    patient_name: Annotated[str, typer.Option(help="Patient's Name, PN: Family^Given.")] = "Phantom^Brain",
+    patient_id: Annotated[str, typer.Option(help="Patient ID.")] = "BRATS0001",
+    study_date: Annotated[str, typer.Option(help="Study Date, YYYYMMDD.")] = "20000101",
+    config: ConfigOpt = None,
+) -> None:
+    """Turn a BraTS-style NIfTI case into a DICOM MR study of four series
+    (T1, T1c, T2, FLAIR) with one Study Instance UID and Frame of Reference."""
+    from pipelines.brain_tumour.convert import nifti_to_dicom
+
+    cfg = _config(config)
+    try:
+        study = nifti_to_dicom(
+            case_dir, out, patient_name=patient_name, patient_id=patient_id,
+            uid_prefix=cfg.node.uid_prefix, study_date=study_date,
+        )
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for role, series in study.series.items():
+        typer.echo(f"{role:<6} {len(series.paths):>4} files  {series.paths[0].parent}")
+    typer.echo(f"Study Instance UID {study.study_instance_uid}")
 
 
 def main() -> None:  # pragma: no cover

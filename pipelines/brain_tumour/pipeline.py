@@ -1,0 +1,164 @@
+"""The brain tumour pipeline: a four-sequence MR study in, a BraTS SEG and a volumetric SR out.
+
+BraTS style (Menze et al., IEEE TMI 2015; Baid et al. 2021, arXiv:2107.02314):
+
+1. read each role's series (T1, T1c, T2, FLAIR) into a volume with its real
+   geometry (:mod:`pipelines.brain_tumour.volume`);
+2. reorient, co-register to T1c where the grids differ, resample to 1 mm,
+   N4 (shrink 4), skull-strip when needed, z-score per channel
+   (:mod:`pipelines.brain_tumour.preprocess`);
+3. a SegResNet with sliding-window inference (:mod:`pipelines.brain_tumour.model`):
+   TC, WT, ET probabilities -> BraTS labels NCR (1), ED (2), ET (4);
+4. labels mapped back onto the reference series' grid (T1c by default) with
+   nearest-neighbour resampling, so the SEG lies on the images a radiologist
+   scrolls;
+5. a SEG with NCR, ED, ET and a TID 1500 SR with the ET, TC and WT volumes in
+   ml (:mod:`pipelines.brain_tumour.write`).
+
+Every step's wall time goes into the job's timings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pydicom import Dataset
+
+from models.registry import ModelRegistry
+from pipelines.base import PipelineContext, PipelineInputError, Study
+from pipelines.brain_tumour.model import BrainTumourModel
+from pipelines.brain_tumour.preprocess import preprocess_study, to_reference
+from pipelines.brain_tumour.settings import ROLES, BrainTumourSettings
+from pipelines.brain_tumour.volume import series_to_image
+from pipelines.brain_tumour.write import PIPELINE, measure_volumes, write_seg, write_sr
+from pipelines.common.derived import AlgorithmDescription
+
+
+class _LazyBrainExtractor:
+    """deepbet loaded on the first study that needs skull stripping, then kept
+    (most BraTS-style inputs are already stripped: no need to load it)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._extractor = None
+        self._lock = threading.Lock()
+        self.name = "deepbet"
+
+    def __call__(self, image):
+        with self._lock:
+            if self._extractor is None:
+                from pipelines.brain_tumour.preprocess import DeepbetExtractor
+
+                self._extractor = DeepbetExtractor(self.device)
+        return self._extractor(image)
+
+
+class BrainTumourPipeline:
+    """BraTS-style glioma segmentation of a T1/T1c/T2/FLAIR study.
+
+    Parameters
+    ----------
+    settings:
+        ``[pipelines.brain_tumour]``: model card, reference role, roi/overlap
+        overrides, skull stripping, N4 shrink factor.
+    registry:
+        Where the model card and weights are found (loaded once, here).
+    device:
+        torch device string.
+
+    Raises
+    ------
+    models.registry.ModelNotFoundError, models.registry.WeightsIntegrityError, ValueError
+        The model cannot be loaded.
+    """
+
+    name = PIPELINE
+    level = "study"
+
+    def __init__(self, settings: BrainTumourSettings, registry: ModelRegistry, device: str = "cpu"):
+        self.settings = settings
+        self.device = device
+        self.model = BrainTumourModel(registry, settings.model, device)
+        self.extractor = _LazyBrainExtractor(device)
+        params = {
+            "reference": settings.reference_role,
+            "skull_strip": settings.skull_strip,
+            "n4_shrink": str(settings.n4_shrink_factor),
+        }
+        if settings.roi_size:
+            params["roi"] = "x".join(map(str, settings.roi_size))
+        if settings.overlap is not None:
+            params["overlap"] = f"{settings.overlap:g}"
+        self.algorithm = AlgorithmDescription(name=self.model.name, version=self.model.version, parameters=params)
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.model.name} {self.model.version}"
+
+    def run(self, study: Study, context: PipelineContext) -> list[Dataset]:
+        """Segment the study and write its SEG and SR.
+
+        Returns
+        -------
+        ``[SEG, SR]``.
+
+        Raises
+        ------
+        PipelineInputError
+            A role is missing, or a series' geometry or pixel data cannot be
+            used (the message names the series and the attribute).
+        """
+        log, timings = context.log, context.timings
+        sources = {role: study.role(role) for role in ROLES}  # names a missing role
+        t = time.perf_counter()
+        try:
+            volumes = {role: series_to_image(datasets) for role, datasets in sources.items()}
+        except ValueError as exc:
+            raise PipelineInputError(f"cannot build volumes: {exc}") from exc
+        timings["read_volumes"] = time.perf_counter() - t
+
+        prep = preprocess_study(
+            volumes,
+            channel_order=self.model.channels,
+            reference_role=self.settings.reference_role,
+            n4_shrink_factor=self.settings.n4_shrink_factor,
+            skull_strip=self.settings.skull_strip,
+            brain_extractor=self.extractor,
+            device=self.device,
+            log=log,
+        )
+        timings.update({f"preprocess_{k}": v for k, v in prep.timings.items()})
+
+        t = time.perf_counter()
+        prediction = self.model.predict(
+            prep.array, spacing_mm=prep.spacing_mm, roi=self.settings.roi_size, overlap=self.settings.overlap
+        )
+        timings["inference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        reference = volumes[self.settings.reference_role]
+        labels = to_reference(prediction.labels, prep, reference)
+        if reference.is_multiframe:
+            labels = reference.to_source_frames(labels)
+        timings["map_to_reference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        try:
+            seg, repairs = write_seg(
+                list(reference.datasets), labels, sources=sources, algorithm=self.algorithm, context=context
+            )
+            sr, _ = write_sr(list(reference.datasets), seg, sources=sources, algorithm=self.algorithm, context=context)
+        except ValueError as exc:
+            raise PipelineInputError(f"cannot write results: {exc}") from exc
+        timings["write"] = time.perf_counter() - t
+        if log:
+            for repair in repairs:
+                log.info("source_value_repaired", repair=str(repair))
+            log.info(
+                "brain_tumour_result",
+                model=self.model_version,
+                volumes_ml=measure_volumes(list(reference.datasets), seg).as_log(),
+                roles={role: datasets[0].SeriesInstanceUID for role, datasets in sources.items()},
+            )
+        return [seg, sr]
