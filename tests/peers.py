@@ -141,6 +141,18 @@ class Orthanc:
             out.setdefault(series["MainDicomTags"].get("Modality", ""), []).append(inst["ID"])
         return out
 
+    def series_instances(self, study_uid: str, **query: str) -> list[list[str]]:
+        """Instance ids of each series of the study whose series-level tags
+        match ``query`` (e.g. ``Modality="SEG"``): one /tools/find, not one
+        request per instance."""
+        found = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid, **query}},
+            timeout=10,
+        )
+        found.raise_for_status()
+        return [self.get(f"/series/{series_id}")["Instances"] for series_id in found.json()]
+
     def file(self, instance_id: str) -> bytes:
         r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
         r.raise_for_status()

@@ -27,9 +27,35 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ARTIFACTS = REPO / "test-artifacts"
 
 
-def write_node_config(workdir: Path, orthanc, kind: str, *, retry: dict | None = None) -> tuple[Path, dict]:
-    """A node configuration sending pneumonia results to ``orthanc``."""
+CXR_ROUTE = """
+[[routes]]
+name = "cxr-pneumonia"
+pipeline = "pneumonia"
+destinations = ["pacs"]
+match = { Modality = ["CR", "DX"], BodyPartExamined = ["CHEST", ""] }
+"""
+
+BRAIN_ROUTE = """
+[[routes]]
+name = "brain-mri-tumour"
+pipeline = "brain_tumour"
+level = "study"
+required_roles = ["T1", "T1c", "T2", "FLAIR"]
+destinations = ["pacs"]
+match = { Modality = ["MR"] }
+"""
+
+
+def write_node_config(
+    workdir: Path, orthanc, kind: str, *, retry: dict | None = None, routes: str = CXR_ROUTE,
+    completion: dict | None = None,
+) -> tuple[Path, dict]:
+    """A node configuration sending the results of ``routes`` (default: the
+    pneumonia route) to ``orthanc``."""
     ports = {"node": free_port(), "api": free_port()}
+    completion = {"sweep_interval_seconds": 0.5, "series_idle_seconds": 5, "complete_on_release": "true"} | (
+        completion or {}
+    )
     if kind == "dicom":
         dest = f'kind = "dicom"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}'
     else:
@@ -48,16 +74,8 @@ outbox_dir = "{workdir}/outbox"
 index_url = "sqlite:///{workdir}/index.db"
 
 [completion]
-sweep_interval_seconds = 0.5
-series_idle_seconds = 5
-complete_on_release = true
-
-[[routes]]
-name = "cxr-pneumonia"
-pipeline = "pneumonia"
-destinations = ["pacs"]
-match = {{ Modality = ["CR", "DX"], BodyPartExamined = ["CHEST", ""] }}
-
+{chr(10).join(f'{k} = {v}' for k, v in completion.items())}
+{routes}
 [destinations.pacs]
 {dest}
 
@@ -77,8 +95,13 @@ port = {ports['api']}
 
 
 def derived_in_orthanc(orthanc, study_uid: str) -> dict[str, list[str]]:
-    by_modality = orthanc.instances_by_modality(study_uid)
-    return {m: ids for m, ids in by_modality.items() if m in ("SR", "SEG")}
+    """Modality -> Orthanc instance ids of the study's SEG and SR instances."""
+    out = {}
+    for modality in ("SEG", "SR"):
+        ids = [i for series in orthanc.series_instances(study_uid, Modality=modality) for i in series]
+        if ids:
+            out[modality] = ids
+    return out
 
 
 def check_results(orthanc, source: Path) -> dict:
