@@ -137,7 +137,6 @@ def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, dcmtk):
     sr = hd.sr.srread(BytesIO(orthanc.file(found["SR"][0])))
     assert sr.StudyInstanceUID == study_uid and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription.upper()
     rois = sr.content.get_volumetric_roi_measurement_groups()
-    volumes = {roi.tracking_identifier: volume_of(roi).value for roi in rois}
     assert len(rois) == 3
     for roi, number in zip(rois, (1, 2, 3)):
         assert roi.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID

@@ -82,7 +82,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,7 @@ from models.card import (
 )
 from models.registry import ModelRegistry, sha256_file
 from models.segresnet import build_segresnet, spatial_multiple
+from pipelines.common.training import TrainResult, check_fields
 from pipelines.brain_tumour.model import BrainTumourModel, region_masks, resample_volume, to_network_layout
 from pipelines.brain_tumour.preprocess import normalize_nonzero
 
@@ -345,20 +346,7 @@ class TrainConfig:
             "val_fraction": 0 < self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
             "cache_cases": self.cache_cases >= 1,
         }
-        for attr, ok in checks.items():
-            if not ok:
-                raise ValueError(f"TrainConfig.{attr} is invalid: {getattr(self, attr)!r}")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where the outputs went and what was measured."""
-
-    card_path: Path
-    weights_path: Path
-    card: ModelCard
-    wall_time_s: float
-    history: list[dict] = field(default_factory=list)
+        check_fields(self, checks)
 
 
 # --------------------------------------------------------------------------- plan

@@ -43,7 +43,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ from models.card import (
     Weights,
 )
 from models.densenet import PNEUMONIA_INDEX, XRV_LABELS, XRVDenseNet121
+from pipelines.common.training import TrainResult, check_fields
 from pipelines.pneumonia.preprocess import CxrPreprocessor, png_to_image
 
 log = logging.getLogger(__name__)
@@ -173,20 +174,7 @@ class TrainConfig:
             "bootstrap": self.bootstrap >= 10,
             "limit": self.limit is None or self.limit >= 12,
         }
-        for attr, ok in checks.items():
-            if not ok:
-                raise ValueError(f"TrainConfig.{attr} is invalid: {getattr(self, attr)!r}")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where the outputs went and what was measured."""
-
-    card_path: Path
-    weights_path: Path
-    card: ModelCard
-    wall_time_s: float
-    history: list[dict] = field(default_factory=list)
+        check_fields(self, checks)
 
 
 # --------------------------------------------------------------------------- data
