@@ -101,16 +101,11 @@ def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, dcmtk):
 
     seg = hd.seg.segread(BytesIO(orthanc.file(found["SEG"][0])))
     [referenced] = [item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence]
-    mr_series = {
-        orthanc.get(f"/instances/{ids[0]}/simplified-tags")["SeriesInstanceUID"]: ids
-        for ids in orthanc.series_instances(study_uid, Modality="MR")
-    }
-    assert len(mr_series) == 4 and referenced in mr_series, (list(mr_series), referenced)
-    # The reference series (T1c) as Orthanc stores it.
-    reference = sorted(
-        (pydicom.dcmread(BytesIO(orthanc.file(i)), stop_before_pixels=True) for i in mr_series[referenced]),
-        key=lambda ds: float(ds.ImagePositionPatient[2]),
-    )
+    # The reference series (T1c) as the modality sent it.
+    sent = {role: [pydicom.dcmread(p, stop_before_pixels=True) for p in files] for role, files in brats_dicom.items()}
+    by_series = {datasets[0].SeriesInstanceUID: datasets for datasets in sent.values()}
+    assert referenced in by_series, (list(by_series), referenced)
+    reference = sorted(by_series[referenced], key=lambda ds: float(ds.ImagePositionPatient[2]))
     assert reference[0].SeriesDescription == SEQUENCE_PROTOCOLS["T1c"].series_description  # the reference role
 
     # Geometry: the SEG is on the stored T1c series, frame by frame.
@@ -149,7 +144,7 @@ def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, dcmtk):
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
     }
-    assert set(mr_series) <= evidence
+    assert set(by_series) <= evidence
 
     # One job, for the whole study, run once.
     with sqlite3.connect(f"file:{tmp_path / 'index.db'}?mode=ro", uri=True) as c:
