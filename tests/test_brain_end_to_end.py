@@ -44,14 +44,26 @@ ROLES = ("T1", "T1c", "T2", "FLAIR")
 TC, WT = "Tumour core (TC = NCR + ET)", "Whole tumour (WT = NCR + ED + ET)"
 
 
-def _start_node(tmp_path: Path, orthanc, **completion) -> tuple[NodeProcess, dict]:
-    config, ports = write_node_config(
-        tmp_path, orthanc, "dicom", routes=BRAIN_ROUTE,
-        completion={"series_idle_seconds": 10, "study_idle_seconds": 2, **completion},
-    )
-    node = NodeProcess(config, tmp_path).start(ports["api"], timeout=120)
-    wait_for(lambda: any(e.get("event") == "pipeline_ready" for e in node.log_lines()), 120, what="pipeline warm-up")
-    return node, ports
+@pytest.fixture
+def brain_node(tmp_path, orthanc):
+    """Start ``ainode serve`` with the brain route (``start(**completion)``);
+    stopped after the test whatever its outcome."""
+    started: list[NodeProcess] = []
+
+    def start(**completion) -> tuple[NodeProcess, dict]:
+        config, ports = write_node_config(
+            tmp_path, orthanc, "dicom", routes=BRAIN_ROUTE,
+            completion={"series_idle_seconds": 10, "study_idle_seconds": 2, **completion},
+        )
+        node = NodeProcess(config, tmp_path)
+        started.append(node)
+        node.start(ports["api"], timeout=120)
+        wait_for(lambda: any(e.get("event") == "pipeline_ready" for e in node.log_lines()), 120, what="pipeline warm-up")
+        return node, ports
+
+    yield start
+    for node in started:
+        node.stop()
 
 
 def _send_shuffled(series: dict[str, list[Path]], port: int, seed: int) -> list[str]:
@@ -87,8 +99,8 @@ def brats_dicom(tmp_path) -> dict:
     return series
 
 
-def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, dcmtk):
-    node, ports = _start_node(tmp_path, orthanc)
+def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, brain_node, dcmtk):
+    node, ports = brain_node()
     order = _send_shuffled(brats_dicom, ports["node"], seed=6692)
     t_last = time.monotonic()
     first = pydicom.dcmread(next(iter(brats_dicom.values()))[0], stop_before_pixels=True)
@@ -159,14 +171,13 @@ def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, dcmtk):
         "job_stages_s": timings,
     })
     print(f"\nbrain study: last instance -> SR in Orthanc {latency:.1f} s; volumes {result['volumes_ml']}; stages {timings}")
-    node.stop()
 
 
-def test_study_missing_flair_fails_clearly_and_writes_nothing(tmp_path, orthanc, dcmtk):
+def test_study_missing_flair_fails_clearly_and_writes_nothing(tmp_path, orthanc, brain_node, dcmtk):
     phantom = make_phantom(out_dir=tmp_path / "phantom", missing="FLAIR")
     series = {role: list(paths) for role, paths in phantom.paths.items()}
     assert set(series) == {"T1", "T1c", "T2"}
-    node, ports = _start_node(tmp_path, orthanc, force_complete_seconds=8)
+    node, ports = brain_node(force_complete_seconds=8)
     _send_shuffled(series, ports["node"], seed=1)
     study_uid = pydicom.dcmread(series["T1"][0], stop_before_pixels=True).StudyInstanceUID
     db = tmp_path / "index.db"
@@ -182,4 +193,3 @@ def test_study_missing_flair_fails_clearly_and_writes_nothing(tmp_path, orthanc,
     assert failed, "the failure is logged with its reason"
     time.sleep(3)
     assert derived_in_orthanc(orthanc, study_uid) == {}, "nothing is written to the PACS for a partial study"
-    node.stop()

@@ -23,8 +23,10 @@ local CHEST_BODY_PARTS = { [''] = true, CHEST = true, THORAX = true, LUNG = true
 
 -- The node's results (and other derived objects) are never sent to it: that
 -- would be a loop, and the node has no use for them. Ours are SEG and SR
--- with Manufacturer "dicom-ai-node" and "NOT FOR DIAGNOSTIC USE" in the
--- Series Description; any one of these marks is enough.
+-- with Manufacturer exactly "dicom-ai-node" and "NOT FOR DIAGNOSTIC USE" in
+-- the Series Description; any one of these marks is enough. (Studies made by
+-- `ainode tools nifti-to-dicom` say "dicom-ai-node nifti-to-dicom": they are
+-- test input for the node, and are sent.)
 local DERIVED_MODALITIES = { SEG = true, SR = true, PR = true, KO = true, RTSTRUCT = true }
 
 local function Upper(value)

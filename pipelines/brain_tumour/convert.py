@@ -336,7 +336,9 @@ def image_to_series(
     uid_prefix: str | None = None,
     derivation_description: str | None = None,
     image_type: tuple[str, ...] = ("DERIVED", "PRIMARY", "OTHER"),
-    manufacturer: str = "dicom-ai-node",
+    # Not the node's own "dicom-ai-node": Orthanc's autoroute.lua never sends
+    # that Manufacturer's series (the node's results) to the node.
+    manufacturer: str = "dicom-ai-node nifti-to-dicom",
 ) -> list[Dataset]:
     """One MR Image Storage series, a single-frame instance per slice, from a 3-D image.
 
