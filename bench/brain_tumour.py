@@ -38,7 +38,7 @@ and per stage the highest resident set a 20 ms sampler thread saw
 
 Usage::
 
-    .venv/bin/python bench/brain_tumour.py [--threads 2] [--move-flair] [--skull-strip always]
+    .venv/bin/python bench/brain_tumour.py [--threads 2] [--move-flair] [--skull-strip always] [--untrained-bundle]
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--case", type=Path, default=DEFAULT_CASE, help="BraTS-style NIfTI case folder")
     ap.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads (default 2)")
     ap.add_argument("--model", default=None, help="model card name (default: the node's brain_tumour.model)")
+    ap.add_argument("--untrained-bundle", action="store_true",
+                    help="time the MONAI bundle's network (init_filters 16, roi 240x240x160) with random weights")
     ap.add_argument("--n4-shrink", type=int, default=None, help="N4 shrink factor (default: settings.n4_shrink_factor)")
     ap.add_argument("--no-n4", action="store_true", help="skip N4")
     ap.add_argument("--skull-strip", choices=("auto", "always", "never"), default=None)
@@ -298,6 +300,15 @@ def load_model(args, settings, tmp: Path):
     except ImportError as exc:
         return None, {"name": "none", "version": "0", "note": f"no model module: {exc}; inference not timed"}
     name = args.model or settings.model
+    if args.untrained_bundle:
+        registry, fallback = _untrained_bundle_card(tmp)
+        model = BrainTumourModel(registry, fallback, "cpu")
+        return model, {
+            "name": model.name,
+            "version": model.version,
+            "weights": "untrained SegResNet with the MONAI bundle's architecture and roi (--untrained-bundle): "
+            "timing and memory of the bundle's inference, labels meaningless",
+        }
     try:
         model = BrainTumourModel(ModelRegistry(), name, "cpu")
         return model, {"name": model.name, "version": model.version, "weights": "card " + name}
