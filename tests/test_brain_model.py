@@ -282,6 +282,52 @@ def test_demo_model_finds_the_tumour_of_the_tcga_case(demo):
     assert wt >= 0.5
 
 
+#: WT Dice floor of the whole pipeline (DICOM in, N4, SEG out) on TCGA-FG-6692 with the demonstration
+#: weights. Measured 0.599 here (through the model alone, without N4, as trained: 0.643, the card's
+#: whole-case figure; N4 shifts the intensities a little from what the demo model was trained on). The
+#: floor leaves room for CPU arithmetic differences, not for a model that lost the tumour. The case is the
+#: demo model's training case (its held-out slab is part of it): this is a floor, not a performance claim.
+PIPELINE_WT_DICE_FLOOR = 0.55
+
+
+def test_pipeline_wt_dice_on_the_tcga_case_from_dicom(tmp_path):
+    """The pipeline as the node runs it: the TCGA case converted to a DICOM MR study, read back,
+    preprocessed (N4 included), segmented, written as a SEG; the SEG's whole tumour, read back with
+    highdicom slice by slice, against the consensus labels resampled (nearest) onto the T1c series."""
+    import SimpleITK as sitk
+
+    from pipelines.base import PipelineContext, Study
+    from pipelines.brain_tumour.convert import nifti_to_dicom
+    from pipelines.brain_tumour.pipeline import BrainTumourPipeline
+    from pipelines.brain_tumour.settings import BrainTumourSettings
+    from pipelines.brain_tumour.train import dice
+    from pipelines.brain_tumour.volume import series_to_image
+    from tests.dicom_checks import read_seg
+    from tests.test_brain_write import slice_masks
+
+    consensus = shared_file(TCGA / "TCGA-FG-6692_seg-consensus.nii.gz")
+    converted = nifti_to_dicom(TCGA, tmp_path, patient_name="TCGA^FG6692", patient_id="TCGA-FG-6692")
+    import pydicom
+
+    series = {role: [pydicom.dcmread(p) for p in s.paths] for role, s in converted.series.items()}
+    study = Study(
+        study_instance_uid=converted.study_instance_uid,
+        series={datasets[0].SeriesInstanceUID: datasets for datasets in series.values()},
+        roles={role: datasets[0].SeriesInstanceUID for role, datasets in series.items()},
+    )
+    context = PipelineContext()
+    seg, _ = BrainTumourPipeline(BrainTumourSettings(), ModelRegistry()).run(study, context)
+
+    reference = series_to_image(series["T1c"])
+    predicted_wt = slice_masks(read_seg(seg), list(reference.datasets)).any(-1)
+    truth = sitk.Resample(sitk.ReadImage(str(consensus)), reference.image, sitk.Transform(), sitk.sitkNearestNeighbor)
+    truth_wt = np.isin(sitk.GetArrayFromImage(truth), [1, 2, 4])
+    assert truth_wt.sum() == 2477 + 20862 + 6840  # all of the consensus lands on the series
+    wt = dice(predicted_wt, truth_wt)
+    print(f"\npipeline WT Dice on TCGA-FG-6692 (from DICOM, N4 on): {wt:.4f}; stages {context.timings}")
+    assert wt >= PIPELINE_WT_DICE_FLOOR, wt
+
+
 # --------------------------------------------------------------------------- training
 
 
