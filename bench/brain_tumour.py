@@ -300,31 +300,27 @@ def load_model(args, settings, tmp: Path):
     except ImportError as exc:
         return None, {"name": "none", "version": "0", "note": f"no model module: {exc}; inference not timed"}
     name = args.model or settings.model
-    if args.untrained_bundle:
+
+    def untrained(why: str | None = None):
         registry, fallback = _untrained_bundle_card(tmp)
         model = BrainTumourModel(registry, fallback, "cpu")
-        return model, {
+        info = {
             "name": model.name,
             "version": model.version,
-            "weights": "untrained SegResNet with the MONAI bundle's architecture and roi (--untrained-bundle): "
+            "weights": "untrained SegResNet with the MONAI bundle's architecture and roi: "
             "timing and memory of the bundle's inference, labels meaningless",
         }
+        return model, info | ({"why": why} if why else {})
+
+    if args.untrained_bundle:
+        return untrained()
     try:
         model = BrainTumourModel(ModelRegistry(), name, "cpu")
         return model, {"name": model.name, "version": model.version, "weights": "card " + name}
     except (ModelNotFoundError, FileNotFoundError) as exc:
         if args.model:
             raise
-        registry, fallback = _untrained_bundle_card(tmp)
-        model = BrainTumourModel(registry, fallback, "cpu")
-        return model, {
-            "name": model.name,
-            "version": model.version,
-            "weights": "untrained SegResNet with the MONAI bundle's architecture and roi: "
-            "timing and memory only, labels meaningless",
-            "why": f"card {name!r} not available: {exc}",
-        }
-
+        return untrained(f"card {name!r} not available: {exc}")
 
 if __name__ == "__main__":
     main()
