@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from models.card import ModelCard
-from models.registry import ModelRegistry, bundle_network_def, sha256_file
+from models.registry import ModelRegistry, bundle_network_def, read_bundle_json, sha256_file
 
 __all__ = ["BRATS_TEMPLATE", "import_monai_bundle", "main"]
 
@@ -48,18 +47,6 @@ BRATS_TEMPLATE = Path(__file__).resolve().parent / "templates" / "brats_mri_segm
 # metadata.json eval_metrics key -> card metric name
 _EVAL_METRICS = {"val_mean_dice_tc": "Dice TC", "val_mean_dice_wt": "Dice WT", "val_mean_dice_et": "Dice ET",
                  "val_mean_dice": "Mean Dice"}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"MONAI bundle: {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"MONAI bundle: {path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"MONAI bundle: {path}: expected a JSON object")
-    return data
 
 
 def _literal(value: Any, what: str) -> Any:
@@ -144,9 +131,9 @@ def import_monai_bundle(
     """
     bundle = Path(bundle_dir).resolve()
     out = Path(out_dir)
-    tpl = _read_json(Path(template))
-    metadata = _read_json(bundle / "configs" / "metadata.json")
-    config = _read_json(bundle / "configs" / "inference.json")
+    tpl = read_bundle_json(Path(template))
+    metadata = read_bundle_json(bundle / "configs" / "metadata.json")
+    config = read_bundle_json(bundle / "configs" / "inference.json")
     weights = bundle / "models" / "model.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"MONAI bundle: {weights} not found")

@@ -253,6 +253,27 @@ class ModelRegistry:
         return model
 
 
+def read_bundle_json(path: Path) -> dict:
+    """A MONAI bundle's JSON file (``configs/*.json``) as a dict.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        It is not JSON, or not a JSON object.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"MONAI bundle: {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"MONAI bundle: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"MONAI bundle: {path}: expected a JSON object")
+    return data
+
+
 def bundle_network_def(bundle: Path) -> tuple[str, dict]:
     """``_target_`` (last dotted part, e.g. ``"SegResNet"``) and the other
     arguments of ``network_def`` in a bundle's ``configs/inference.json``, as
@@ -266,13 +287,7 @@ def bundle_network_def(bundle: Path) -> tuple[str, dict]:
         The file is not JSON or has no ``network_def`` with a ``_target_``.
     """
     config = Path(bundle) / "configs" / "inference.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"MONAI bundle {bundle}: {config} not found")
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"MONAI bundle {bundle}: {config} is not valid JSON: {exc}") from exc
-    net = raw.get("network_def") if isinstance(raw, dict) else None
+    net = read_bundle_json(config).get("network_def")
     if not isinstance(net, dict) or not isinstance(net.get("_target_"), str):
         raise ValueError(f"MONAI bundle {bundle}: {config} has no network_def with a _target_")
     return net["_target_"].rsplit(".", 1)[-1], {k: v for k, v in net.items() if not k.startswith("_")}
