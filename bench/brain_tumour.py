@@ -259,7 +259,7 @@ def run(args, paths: dict[str, list[str]], tmp: Path) -> dict:
 
     try:
         from pipelines.brain_tumour import write
-        from pipelines.common.derived import AlgorithmDescription
+        from pipelines.common.identity import AlgorithmDescription
     except ImportError as exc:  # the writer is another engineer's module
         stages["seg_write"] = {"skipped": f"pipelines.brain_tumour.write not importable: {exc}"}
     else:

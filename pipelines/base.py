@@ -16,9 +16,25 @@ from pydicom import Dataset
 
 
 class PipelineInputError(ValueError):
-    """The study cannot be processed by this pipeline (wrong modality, missing
-    sequence, unusable pixel data...). A job that raises it fails at once,
-    with this message as its reason, and is not retried."""
+    """The input is faulty: a required attribute is missing or invalid, a
+    sequence is missing, pixel data cannot be used. A job that raises it
+    fails at once (job state ``failed``), with this message as its reason and
+    no traceback; the node does not retry it on its own.
+
+    Only faults in the data belong here. A bug in the pipeline (a writer that
+    produces an invalid object, a shape mismatch) must stay a plain
+    exception, so that the job keeps its traceback."""
+
+
+class PipelineNotApplicable(Exception):
+    """The input is valid, but this pipeline does not process it: a colour
+    image, a multi-frame image, a lateral chest view, a SEG, SR or localiser
+    that a broad routing rule sent. The job ends ``not_applicable`` with this
+    message as its reason: no result, no traceback, not counted as a failure.
+
+    Deliberately not a :class:`PipelineInputError` (nor a ``ValueError``):
+    a handler that adds context to input faults (``except ValueError``) must
+    not turn "not for this model" into "faulty data"."""
 
 
 @dataclass(frozen=True)
@@ -121,5 +137,8 @@ class Pipeline(Protocol):
         Raises
         ------
         PipelineInputError
-            When the input cannot be processed; the job fails without retry.
+            The input is faulty; the job fails without retry.
+        PipelineNotApplicable
+            The input is valid but not for this pipeline; the job ends
+            ``not_applicable``.
         """

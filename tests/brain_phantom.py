@@ -45,7 +45,7 @@ from pydicom import Dataset
 from pipelines.base import Study
 from pipelines.brain_tumour.convert import SEQUENCE_PROTOCOLS, image_to_series, study_info, write_series
 from pipelines.brain_tumour.settings import ROLES
-from pipelines.common.derived import derived_uid
+from pipelines.common.uids import derived_uid
 
 # Tissue codes of the label volume the renderer fills before mapping to BraTS labels.
 BACKGROUND, BRAIN, CSF, OEDEMA, ET, NCR, BONE, SCALP = range(8)

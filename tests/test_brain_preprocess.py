@@ -30,7 +30,7 @@ from pipelines.brain_tumour.preprocess import (
     to_reference,
 )
 from pipelines.brain_tumour.volume import series_to_image
-from pipelines.common.derived import derived_uid
+from pipelines.common.uids import derived_uid
 from tests.brain_phantom import BRAIN, image_grid, labels_on, make_phantom, tissue_at
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -30,16 +30,10 @@ from pydicom.tag import Tag
 
 from pipelines.base import PipelineContext
 from pipelines.brain_tumour import write as bw
-from pipelines.common.derived import (
-    NOT_FOR_DIAGNOSTIC_USE,
-    AlgorithmDescription,
-    reference_proxies,
-    reference_proxy,
-    sanitize_series,
-    sanitize_sources,
-    segment_voxel_counts,
-)
 from pipelines.common.geometry import slice_stack
+from pipelines.common.identity import NOT_FOR_DIAGNOSTIC_USE, AlgorithmDescription
+from pipelines.common.sanitize import reference_proxies, reference_proxy, sanitize_series, sanitize_sources
+from pipelines.common.seg_frames import segment_voxel_counts
 from tests.dicom_checks import read_seg, read_sr, run_dciodvfy, seg_mask_on_source
 from tests.mr_stack import ROLES, enhanced_mr, mr_series, mr_study, series_from_sitk
 

@@ -20,20 +20,17 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.sr.codedict import codes
 
-from pipelines.common.derived import (
+from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmDescription,
-    derived_uid,
-    derived_uids,
     ensure_valid_values,
     fit_long_string,
-    image_library,
-    sanitize_source,
-    sanitize_sources,
-    segmentation_source,
     series_description,
 )
-from pipelines.common.sanitize import find_invalid_values
+from pipelines.common.sanitize import find_invalid_values, sanitize_source, sanitize_sources
+from pipelines.common.seg_geometry import segmentation_source
+from pipelines.common.sr_content import image_library
+from pipelines.common.uids import derived_uid, derived_uids
 
 ALGORITHM = AlgorithmDescription(name="pneumonia-densenet121-demo", version="1.0.0")
 

@@ -14,7 +14,7 @@ and with an empty mask, then checked with dciodvfy and read back.
 The SEG is read back with pydicom alone (:func:`segment_frames`): highdicom
 0.28's ``segread`` cannot read a SEG whose Pixel Measures has no Slice
 Thickness, and a projection radiograph has none (see
-``pipelines.common.derived.add_pixel_grid_geometry``). The helpers here are
+``pipelines.common.seg_geometry.add_pixel_grid_geometry``). The helpers here are
 also used by the end-to-end and OHIF tests.
 """
 
@@ -38,15 +38,12 @@ from scipy import ndimage
 from skimage.draw import polygon2mask
 
 from pipelines.base import PipelineContext
-from pipelines.common.derived import (
-    NOT_FOR_DIAGNOSTIC_USE,
+from pipelines.common.identity import NOT_FOR_DIAGNOSTIC_USE, AlgorithmDescription
+from pipelines.common.outline import image_outline, region_outline
+from pipelines.common.sanitize import Repair, sanitize_source
+from pipelines.common.seg_geometry import (
     PIXEL_GRID_ORIENTATION,
-    AlgorithmDescription,
-    Repair,
     add_pixel_grid_geometry,
-    image_outline,
-    region_outline,
-    sanitize_source,
     segmentation_source,
     valid_pixel_spacing,
 )

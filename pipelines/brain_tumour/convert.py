@@ -31,7 +31,7 @@ that fit int16 (all BraTS releases) are stored exactly; other volumes are
 scaled into int16 and carry Rescale Slope/Intercept.
 
 UIDs are derived (SHA-512 via ``pydicom.uid.generate_uid``, see
-:func:`pipelines.common.derived.derived_uid`) from the SHA-256 of the input
+:func:`pipelines.common.uids.derived_uid`) from the SHA-256 of the input
 files and the patient ID, so converting the same files again gives the same
 study, series and instance UIDs, and a PACS replaces instead of duplicating.
 
@@ -56,7 +56,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
 
 from pipelines.brain_tumour.settings import ROLES
-from pipelines.common.derived import derived_uid
+from pipelines.common.uids import derived_uid
 
 __all__ = [
     "SequenceProtocol",

@@ -26,13 +26,13 @@ import time
 from pydicom import Dataset
 
 from models.registry import ModelRegistry
-from pipelines.base import PipelineContext, PipelineInputError, Study
+from pipelines.base import PipelineContext, PipelineNotApplicable, Study
 from pipelines.brain_tumour.model import BrainTumourModel
 from pipelines.brain_tumour.preprocess import preprocess_study, to_reference
 from pipelines.brain_tumour.settings import ROLES, BrainTumourSettings
 from pipelines.brain_tumour.volume import series_to_image
 from pipelines.brain_tumour.write import PIPELINE, measure_volumes, write_seg, write_sr
-from pipelines.common.derived import AlgorithmDescription
+from pipelines.common.identity import AlgorithmDescription
 
 
 class _LazyBrainExtractor:
@@ -94,7 +94,7 @@ class BrainTumourPipeline:
 
     @property
     def model_version(self) -> str:
-        return f"{self.model.name} {self.model.version}"
+        return self.algorithm.label
 
     def run(self, study: Study, context: PipelineContext) -> list[Dataset]:
         """Segment the study and write its SEG and SR.
@@ -105,17 +105,28 @@ class BrainTumourPipeline:
 
         Raises
         ------
+        PipelineNotApplicable
+            A role's series is not MR (the message names the role and its
+            Modality).
         PipelineInputError
             A role is missing, or a series' geometry or pixel data cannot be
             used (the message names the series and the attribute).
         """
         log, timings = context.log, context.timings
         sources = {role: study.role(role) for role in ROLES}  # names a missing role
+        not_mr = {
+            role: sorted({str(ds.get("Modality", "") or "absent") for ds in datasets} - {"MR"})
+            for role, datasets in sources.items()
+        }
+        if any(not_mr.values()):
+            raise PipelineNotApplicable(
+                "the brain tumour model reads MR series; "
+                + ", ".join(f"{role} is Modality {'/'.join(m)}" for role, m in not_mr.items() if m)
+            )
         t = time.perf_counter()
-        try:
-            volumes = {role: series_to_image(datasets) for role, datasets in sources.items()}
-        except ValueError as exc:
-            raise PipelineInputError(f"cannot build volumes: {exc}") from exc
+        # volume.py raises PipelineInputError naming the series and attribute;
+        # any other error is ours and keeps its traceback.
+        volumes = {role: series_to_image(datasets) for role, datasets in sources.items()}
         timings["read_volumes"] = time.perf_counter() - t
 
         prep = preprocess_study(
@@ -144,13 +155,11 @@ class BrainTumourPipeline:
         timings["map_to_reference"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        try:
-            seg, repairs = write_seg(
-                list(reference.datasets), labels, sources=sources, algorithm=self.algorithm, context=context
-            )
-            sr, _ = write_sr(list(reference.datasets), seg, sources=sources, algorithm=self.algorithm, context=context)
-        except ValueError as exc:
-            raise PipelineInputError(f"cannot write results: {exc}") from exc
+        # Unusable source attributes raise PipelineInputError (pipelines.common.sanitize).
+        seg, repairs = write_seg(
+            list(reference.datasets), labels, sources=sources, algorithm=self.algorithm, context=context
+        )
+        sr, _ = write_sr(list(reference.datasets), seg, sources=sources, algorithm=self.algorithm, context=context)
         timings["write"] = time.perf_counter() - t
         if log:
             for repair in repairs:

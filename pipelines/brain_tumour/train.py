@@ -70,19 +70,14 @@ training step 5-10x slower (1.6 s vs 11-15 s measured here).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
 import math
-import os
-import platform
 import re
-import shlex
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +97,20 @@ from models.card import (
     VolumeInputSpec,
     Weights,
 )
-from models.registry import ModelRegistry, sha256_file
+from models.registry import ModelRegistry
 from models.segresnet import build_segresnet, spatial_multiple
-from pipelines.common.training import TrainResult, check_fields
+from pipelines.common.training import (
+    TrainResult,
+    card_markdown,
+    check_fields,
+    command_line,
+    config_hyperparameters,
+    configure_logging,
+    run_environment,
+    save_float16_weights,
+    state_copy,
+    write_card,
+)
 from pipelines.brain_tumour.model import BrainTumourModel, region_masks, resample_volume, to_network_layout
 from pipelines.brain_tumour.preprocess import normalize_nonzero
 
@@ -388,15 +394,10 @@ def _split_cases(ids: list[str], config: TrainConfig) -> dict[str, list[str]]:
 
 
 def _versions() -> dict[str, str]:
-    import monai
+    """Versions of the libraries this training uses beyond :func:`run_environment`'s."""
     import SimpleITK
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "numpy": np.__version__, "SimpleITK": SimpleITK.Version.VersionString()}
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"SimpleITK": SimpleITK.Version.VersionString()}
 
 
 def train_brain_tumour(config: TrainConfig) -> TrainResult:
@@ -587,7 +588,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
 
     history: list[dict] = []
     best = {"mean": -1.0, "step": 0}
-    best_state = _state(model)
+    best_state = state_copy(model)
     bad_evals = 0
     loop_start = time.monotonic()
     step = 0
@@ -616,7 +617,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
             log.info("validation at step %d: %s", step, history[-1])
             if v["mean"] > best["mean"]:
                 best = {"mean": v["mean"], "step": step, **v}
-                best_state = _state(model)
+                best_state = state_copy(model)
                 torch.save({"model": best_state, "step": step, "validation": v}, ckpt_dir / f"{config.name}-best.pt")
                 bad_evals = 0
             else:
@@ -634,11 +635,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
              train_time, best["mean"], best["step"])
 
     # ---- write weights (float16 keeps the file small) and a provisional card, then evaluate through it
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    (out / "cards").mkdir(parents=True, exist_ok=True)
-    weights_path = out / "weights" / f"{config.name}.pt"
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in best_state.items()}, weights_path)
-    sha = sha256_file(weights_path)
+    weights_path, sha = save_float16_weights(best_state, out, config.name)
 
     def make_card(metrics: list[Metric], wall: float) -> ModelCard:
         return _demo_card(config, params, sha, weights_path, metrics, wall, split_method, split_members, slabs,
@@ -652,8 +649,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
     metrics = _evaluate(runner, test_cases, slabs, mode)
     wall = time.monotonic() - t_start
     card = make_card(metrics, wall)
-    card.to_file(card_path)
-    (out / "cards" / f"{config.name}.md").write_text(render_card_markdown(card), encoding="utf-8")
+    write_card(card, card_path, render_card_markdown(card))
     for m in metrics:
         log.info("%s [%s]: %.4f", m.name, m.split.split(":")[0], m.value)
     log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
@@ -770,12 +766,9 @@ def _demo_card(config: TrainConfig, params: dict, sha: str, weights_path: Path, 
         training=TrainingRun(
             command=config.command or "train_brain_tumour(...)",
             wall_time_s=round(wall, 1),
-            date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            hardware=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
-            software=_versions(),
+            **run_environment(_versions()),
             hyperparameters={
-                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                   if k not in ("data_dir", "out_dir", "command", "name", "version", "checkpoint_dir")},
+                **config_hyperparameters(config, exclude=("checkpoint_dir",)),
                 "crop": list(config.crop),
                 "steps_run": steps,
                 "best_step": best.get("step"),
@@ -812,10 +805,7 @@ def _demo_card(config: TrainConfig, params: dict, sha: str, weights_path: Path, 
 def render_card_markdown(card: ModelCard) -> str:
     """A short human-readable model card generated from a segmentation JSON card."""
     vin, seg = card.volume_input, card.segmentation
-    lines = [
-        f"# {card.name} {card.version}", "",
-        "**Demonstration weights: not for diagnosis.**" if card.demonstration_only else "", "",
-        card.description, "", "## Intended use", "", card.intended_use, "", "## Model", "",
+    model = [
         f"- Architecture: `{card.architecture.name}` {card.architecture.params}; weights `{card.weights.path}` "
         f"({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",
         f"- Input: channels {', '.join(vin.channels)}; {vin.spacing_mm} mm voxels; network layout "
@@ -824,23 +814,17 @@ def render_card_markdown(card: ModelCard) -> str:
         f"{seg.activation} over {', '.join(seg.channels)}; threshold {seg.threshold}.",
         "- Labels (first rule that applies): " + "; ".join(f"{r.channel} -> {r.label} ({r.name})"
                                                            for r in seg.label_rules) + ".",
-        "", "## Measured performance", "", "| metric | value | n | data | split |", "|---|---|---|---|---|",
     ]
-    for m in card.metrics:
-        lines.append(f"| {m.name} | {m.value:.4f} | {m.n} | {m.dataset} | {m.split} |")
-    td = card.training_data
-    lines += ["", "## Training data", "", td.description, ""] + [f"- {s}" for s in td.sources]
-    if td.split:
-        lines += ["", f"Held-out data: {td.split.method}."]
+    performance = ["| metric | value | n | data | split |", "|---|---|---|---|---|"]
+    performance += [f"| {m.name} | {m.value:.4f} | {m.n} | {m.dataset} | {m.split} |" for m in card.metrics]
+    split = card.training_data.split
+    run_detail = "."
     if card.training:
         hp = card.training.hyperparameters
-        lines += ["", "## Training run", "", f"`{card.training.command}`", "",
-                  f"Wall time {card.training.wall_time_s:.0f} s on {card.training.hardware}; {card.training.date}; "
-                  f"{hp.get('steps_run')} steps ({hp.get('stop_reason')}), best checkpoint at step "
-                  f"{hp.get('best_step')} by {hp.get('validation')}.", "", card.training.notes or ""]
-    lines += ["", "## Licence", "", f"{card.licence.spdx}. {card.licence.notes or ''}", "", "## References", ""]
-    lines += [f"- {r}" for r in card.references]
-    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+        run_detail = (f"; {hp.get('steps_run')} steps ({hp.get('stop_reason')}), best checkpoint at step "
+                      f"{hp.get('best_step')} by {hp.get('validation')}.")
+    return card_markdown(card, model=model, performance=performance,
+                         split=f"Held-out data: {split.method}." if split else None, run_detail=run_detail)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -866,14 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--log-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if args.log_file:
-        handlers.append(logging.FileHandler(args.log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    configure_logging(args.log_file)
     # OpenMP's wait policy changes speed several-fold on a shared CPU; record it with the command.
-    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
-    command = (env + " " if env else "") + "python -m pipelines.brain_tumour.train " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("pipelines.brain_tumour.train", argv, environment=("OMP_WAIT_POLICY",))
     config = TrainConfig(
         data_dir=args.data, out_dir=args.out, name=args.name, version=args.version, init_filters=args.init_filters,
         spacing_mm=args.spacing_mm, crop=tuple(args.crop), batch_size=args.batch_size, lr=args.lr,

@@ -49,33 +49,13 @@ import SimpleITK as sitk
 from pydicom import Dataset
 
 from pipelines.base import PipelineInputError
+from pipelines.common.geometry import ORIENTATION_TOLERANCE, POSITION_TOLERANCE_MM, SPACING_TOLERANCE
 
 __all__ = [
-    "ORIENTATION_TOLERANCE",
-    "SPACING_TOLERANCE",
-    "POSITION_TOLERANCE_MM",
     "SliceSource",
     "SeriesVolume",
     "series_to_image",
 ]
-
-#: Largest difference between the direction cosines of two slices of one
-#: series (and between a cosine vector's length and 1, and the dot product of
-#: the row and column vectors) that still counts as the same orientation.
-#: DS values carry at most 16 characters, so real scanners round cosines to
-#: about 1e-6; 1e-3 (0.06 degrees) accepts that and refuses real changes.
-ORIENTATION_TOLERANCE = 1e-3
-
-#: Largest relative deviation of any gap between consecutive slices from the
-#: median gap (1 %, highdicom's default for "regularly spaced"). A missing
-#: slice doubles one gap and is refused; DS rounding of positions is far
-#: below it.
-SPACING_TOLERANCE = 0.01
-
-#: Two slices closer than this along the normal (mm) occupy the same position;
-#: slices whose in-plane offset from the stack axis exceeds it are sheared
-#: (gantry tilt) and refused.
-POSITION_TOLERANCE_MM = 0.01
 
 
 @dataclass(frozen=True)

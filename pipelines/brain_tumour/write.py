@@ -82,30 +82,22 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
-    SegmentationStorage,
 )
 
 from pipelines.base import PipelineContext
-from pipelines.common.derived import (
+from pipelines.common.geometry import SliceStack, slice_stack
+from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmDescription,
-    Repair,
     check_long_string,
-    derived_uid,
-    derived_uids,
-    device_observation_context,
-    device_uid,
     ensure_valid_values,
     fit_long_string,
-    insert_image_library,
-    reference_proxies,
-    sanitize_series,
-    sanitize_source,
-    segment_voxel_counts,
     series_description,
-    series_image_library,
 )
-from pipelines.common.geometry import SliceStack, slice_stack
+from pipelines.common.sanitize import Repair, reference_proxies, sanitize_series, sanitize_source
+from pipelines.common.seg_frames import check_segmentation, segment_voxel_counts
+from pipelines.common.sr_content import device_observation_context, insert_image_library, series_image_library
+from pipelines.common.uids import derived_uid, derived_uids, device_uid
 
 __all__ = [
     "BRATS_LABELS",
@@ -325,7 +317,7 @@ def write_seg(
         Every source series of the run: role (``"T1"``, ``"T1c"``, ``"T2"``,
         ``"FLAIR"``) -> its datasets. The reference series is one of them.
         The SEG's UIDs derive from all of them, the pipeline name, the model
-        and version (:func:`pipelines.common.derived.derived_uids`), and
+        and version (:func:`pipelines.common.uids.derived_uids`), and
         from ``omit_empty_frames``: the compact variant is another object,
         so it has other UIDs.
     algorithm:
@@ -442,7 +434,7 @@ def measure_volumes(reference: Sequence[Dataset], seg: Dataset) -> TumourVolumes
     """Volumes of the segments of ``seg``: voxel counts x voxel volume.
 
     The voxel counts are read from the SEG itself (every set pixel of every
-    frame, by segment; :func:`pipelines.common.derived.segment_voxel_counts`),
+    frame, by segment; :func:`pipelines.common.seg_frames.segment_voxel_counts`),
     so they are what a reader of the SEG finds, whatever frames were
     omitted. The voxel volume is the reference's Pixel Spacing (rows x
     columns) times its slice spacing measured from Image Position (Patient)
@@ -709,8 +701,7 @@ def _measure(stack: SliceStack, reference: Sequence[Dataset], seg: Dataset) -> T
 
 
 def _check_seg(seg: Dataset, reference: Sequence[Dataset], stack: SliceStack) -> None:
-    if not isinstance(seg, Dataset) or seg.get("SOPClassUID") != SegmentationStorage:
-        raise ValueError("seg must be a Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4)")
+    check_segmentation(seg)
     if seg.get("SegmentationType") != "BINARY":
         raise ValueError(f"SegmentationType of seg is {seg.get('SegmentationType')!r}; expected BINARY")
     first = reference[0]

@@ -25,19 +25,33 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom import Dataset
 
-__all__ = ["SliceStack", "slice_stack"]
+__all__ = ["ORIENTATION_TOLERANCE", "POSITION_TOLERANCE_MM", "SPACING_TOLERANCE", "SliceStack", "slice_stack"]
 
 # Tolerances for "the same orientation", "the same position" and "regular
-# spacing". DS values are decimal strings of at most 16 characters; scanners
-# round positions and cosines to 1e-3..1e-6, so an exact comparison would
-# refuse real series. The same values as the brain pipeline's series reader
-# (pipelines/brain_tumour/volume.py), so what it accepts, the writers accept:
-# cosines within 1e-3, planes 0.01 mm apart at least, every gap within 1 %
-# of the median gap (highdicom's "regularly spaced"; a missing slice doubles
-# one gap and is refused).
-_ORIENTATION_TOLERANCE = 1e-3
-_POSITION_TOLERANCE_MM = 1e-2
-_SPACING_TOLERANCE_RELATIVE = 1e-2
+# spacing", shared with the brain pipeline's series reader
+# (pipelines/brain_tumour/volume.py), so what it accepts, the writers accept.
+# DS values are decimal strings of at most 16 characters; scanners round
+# positions and cosines to 1e-3..1e-6, so an exact comparison would refuse
+# real series.
+
+#: Largest difference between the direction cosines of two planes of one
+#: stack (and between a cosine vector's length and 1, and the dot product of
+#: the row and column vectors) that still counts as the same orientation.
+#: DS values carry at most 16 characters, so real scanners round cosines to
+#: about 1e-6; 1e-3 (0.06 degrees) accepts that and refuses real changes.
+#: Also the largest difference in mm between the Pixel Spacing of two planes.
+ORIENTATION_TOLERANCE = 1e-3
+
+#: Largest relative deviation of any gap between consecutive planes from the
+#: median gap (1 %, highdicom's default for "regularly spaced"). A missing
+#: slice doubles one gap and is refused; DS rounding of positions is far
+#: below it.
+SPACING_TOLERANCE = 0.01
+
+#: Two planes closer than this along the normal (mm) occupy the same position;
+#: (in the series reader) slices whose in-plane offset from the stack axis
+#: exceeds it are sheared (gantry tilt) and refused.
+POSITION_TOLERANCE_MM = 0.01
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,7 @@ def slice_stack(reference: Sequence[Dataset]) -> SliceStack:
         slice_spacing = single_spacing
     else:
         steps = np.diff(distances)
-        if np.any(np.abs(steps) < _POSITION_TOLERANCE_MM):
+        if np.any(np.abs(steps) < POSITION_TOLERANCE_MM):
             index = int(np.argmin(np.abs(steps)))
             raise ValueError(
                 f"ImagePositionPatient of planes {index} and {index + 1} lie in the same plane: "
@@ -168,7 +182,7 @@ def slice_stack(reference: Sequence[Dataset]) -> SliceStack:
             )
         gaps = np.abs(steps)
         median = float(np.median(gaps))
-        if float(np.max(np.abs(gaps - median))) > _SPACING_TOLERANCE_RELATIVE * median:
+        if float(np.max(np.abs(gaps - median))) > SPACING_TOLERANCE * median:
             raise ValueError(
                 f"ImagePositionPatient of the reference is irregularly spaced (steps of "
                 f"{float(np.min(np.abs(steps))):.4f} to {float(np.max(np.abs(steps))):.4f} mm): "
@@ -205,10 +219,10 @@ def _series_geometry(reference: Sequence[Dataset], rows: int, columns: int):
             raise ValueError(f"Rows/Columns of {where} differ from reference[0]'s {rows}x{columns}")
         if index:
             other = _orientation(ds.get("ImageOrientationPatient"), f"ImageOrientationPatient of {where}")
-            if max(abs(a - b) for a, b in zip(other, orientation)) > _ORIENTATION_TOLERANCE:
+            if max(abs(a - b) for a, b in zip(other, orientation)) > ORIENTATION_TOLERANCE:
                 raise ValueError(f"ImageOrientationPatient of {where} differs from reference[0]'s")
             other_spacing = _spacing(ds.get("PixelSpacing"), f"PixelSpacing of {where}")
-            if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > _ORIENTATION_TOLERANCE:
+            if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > ORIENTATION_TOLERANCE:
                 raise ValueError(f"PixelSpacing of {where} differs from reference[0]'s")
         positions[index] = _position(ds.get("ImagePositionPatient"), f"ImagePositionPatient of {where}")
     return orientation, spacing, positions, _single_plane_spacing(first)
@@ -241,12 +255,12 @@ def _multiframe_geometry(image: Dataset, frames: int):
             group(index, "PlaneOrientationSequence").get("ImageOrientationPatient"),
             f"PlaneOrientationSequence.ImageOrientationPatient of {where}",
         )
-        if max(abs(a - b) for a, b in zip(other, orientation)) > _ORIENTATION_TOLERANCE:
+        if max(abs(a - b) for a, b in zip(other, orientation)) > ORIENTATION_TOLERANCE:
             raise ValueError(f"PlaneOrientationSequence.ImageOrientationPatient of {where} differs from frame 1's")
         other_spacing = _spacing(
             group(index, "PixelMeasuresSequence").get("PixelSpacing"), f"PixelMeasuresSequence.PixelSpacing of {where}"
         )
-        if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > _ORIENTATION_TOLERANCE:
+        if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > ORIENTATION_TOLERANCE:
             raise ValueError(f"PixelMeasuresSequence.PixelSpacing of {where} differs from frame 1's")
         positions[index] = _position(
             group(index, "PlanePositionSequence").get("ImagePositionPatient"),
@@ -276,9 +290,9 @@ def _orientation(value: object, attribute: str) -> tuple[float, float, float, fl
     numbers = _numbers(value, 6, attribute)
     row, column = np.array(numbers[:3]), np.array(numbers[3:])
     if (
-        abs(np.linalg.norm(row) - 1) > 1e-3
-        or abs(np.linalg.norm(column) - 1) > 1e-3
-        or abs(float(row @ column)) > 1e-3
+        abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE
+        or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE
+        or abs(float(row @ column)) > ORIENTATION_TOLERANCE
     ):
         raise ValueError(f"{attribute} must hold two orthogonal unit vectors (PS3.3 C.7.6.2.1.1)")
     return tuple(numbers)  # type: ignore[return-value]

@@ -45,6 +45,9 @@ from highdicom._standard_utils import (
     get_sop_class_iod_map,
 )
 
+# Faults of the source image are input faults (a ValueError subclass).
+from pipelines.base import PipelineInputError
+
 __all__ = [
     "Repair",
     "reference_proxies",
@@ -210,7 +213,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
 
     Raises
     ------
-    ValueError
+    pipelines.base.PipelineInputError (a ValueError)
         A UID the derived object must reference (SOP Class/Instance, Study,
         Series, Frame of Reference) is absent or invalid, Modality is empty or
         invalid, Rows/Columns are missing, the SOP Class is not an image IOD
@@ -223,7 +226,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
     sop_class_uid = _reference_uid(source, "SOPClassUID")
     iod = get_sop_class_iod_map().get(sop_class_uid)
     if iod is None:
-        raise ValueError(f"SOPClassUID {sop_class_uid!r} is not a storage SOP Class highdicom knows")
+        raise PipelineInputError(f"SOPClassUID {sop_class_uid!r} is not a storage SOP Class highdicom knows")
 
     for keyword in _REFERENCE_UIDS:
         if keyword == "FrameOfReferenceUID" and keyword not in source:
@@ -244,7 +247,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
 
     for keyword in ("Modality", "Rows", "Columns"):
         if not proxy.get(keyword):
-            raise ValueError(f"{keyword} of the source image is missing or invalid")
+            raise PipelineInputError(f"{keyword} of the source image is missing or invalid")
 
     _sanitize_charset(proxy, repairs)
     _sanitize_geometry(proxy, repairs)
@@ -369,7 +372,7 @@ def sanitize_series(images: Sequence[Dataset]) -> tuple[list[Dataset], list[Repa
         problem = _orientation_problem(proxy)
         if problem is not None:
             if "FrameOfReferenceUID" in proxy:
-                raise ValueError(f"{problem}; a derived object cannot be placed in the source's Frame of Reference")
+                raise PipelineInputError(f"{problem}; a derived object cannot be placed in the source's Frame of Reference")
             proxy, found = sanitize_source(image)
         repairs.update(dict.fromkeys(found))
         proxies.append(proxy)
@@ -389,7 +392,7 @@ def reference_proxy(image: Dataset) -> Dataset:
 
     Raises
     ------
-    ValueError
+    pipelines.base.PipelineInputError (a ValueError)
         A UID is absent or invalid (a reference cannot be repaired).
     """
     proxy = Dataset()
@@ -462,9 +465,9 @@ def _reference_uid(source: Dataset, keyword: str) -> str:
     text = "" if value is None else str(value).strip("\x00 ")
     problem = _uid_problem(text)
     if problem is not None:
-        raise ValueError(f"{keyword} of the source image is invalid: {text!r} ({problem})")
+        raise PipelineInputError(f"{keyword} of the source image is invalid: {text!r} ({problem})")
     if not text:
-        raise ValueError(f"{keyword} of the source image is missing")
+        raise PipelineInputError(f"{keyword} of the source image is missing")
     return text
 
 
@@ -896,7 +899,7 @@ def _sanitize_geometry(proxy: Dataset, repairs: list[Repair]) -> None:
     problem = _orientation_problem(proxy)
     if problem is not None:
         if "FrameOfReferenceUID" in proxy:
-            raise ValueError(f"{problem}; a derived object cannot be placed in the source's Frame of Reference")
+            raise PipelineInputError(f"{problem}; a derived object cannot be placed in the source's Frame of Reference")
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
             if keyword in proxy:
                 repairs.append(

@@ -138,11 +138,6 @@ class PneumoniaModel:
         self._lock = threading.Lock()
 
     @property
-    def model_version(self) -> str:
-        """``"<card name> <card version>"``, for derived objects."""
-        return f"{self.card.name} {self.card.version}"
-
-    @property
     def threshold(self) -> float | None:
         """The card's operating point on :attr:`PneumoniaPrediction.probability`."""
         return self.card.operating_point.threshold if self.card.operating_point else None

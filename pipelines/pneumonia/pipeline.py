@@ -14,8 +14,11 @@ For each frontal CR/DX image of the series the pipeline returns:
   on the source image, holding the probability, the operating threshold and
   the finding Pneumonia present/absent.
 
-Lateral views are skipped (the models are trained on frontal views); a series
-with no usable frontal image fails with :class:`PipelineInputError`.
+Lateral views, colour and multi-frame images, localizers and objects that
+are not CR/DX images (a SEG or SR a broad rule routed) are skipped; a series
+with nothing else ends with :class:`PipelineNotApplicable`. A series with no
+usable image and a faulty one (no or empty Pixel Data) fails with
+:class:`PipelineInputError`.
 """
 
 from __future__ import annotations
@@ -25,15 +28,46 @@ import time
 from pydicom import Dataset
 
 from models.registry import ModelRegistry
-from pipelines.base import PipelineContext, PipelineInputError, Study
-from pipelines.common.derived import AlgorithmDescription
+from pipelines.base import PipelineContext, PipelineInputError, PipelineNotApplicable, Study
+from pipelines.common.identity import AlgorithmDescription
 from pipelines.pneumonia.model import PneumoniaModel, cam_mask
+from pipelines.pneumonia.preprocess import dicom_to_image
 from pipelines.pneumonia.settings import PneumoniaSettings
 from pipelines.pneumonia.write import PIPELINE, write_seg, write_sr
 
 #: View Position (0018,5101) values of lateral views (PS3.3 C.8.11.5, CID 4010 wording).
 _LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 _DEFAULT_THRESHOLD = 0.5
+
+
+def _unusable(ds: Dataset) -> tuple[type[Exception], str] | None:
+    """Why the model does not read ``ds`` (see :meth:`PneumoniaPipeline.select_images`),
+    or None. What the header says about a valid image comes first, so a
+    lateral view without pixels is "not applicable", not "faulty"."""
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in ("CR", "DX"):
+        return PipelineNotApplicable, f"Modality {modality or 'absent'} is not CR or DX"
+    image_type = ds.get("ImageType") or []
+    if "LOCALIZER" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]:
+        return PipelineNotApplicable, "a localizer (Image Type LOCALIZER)"
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if samples != 1 or (photometric and not photometric.startswith("MONOCHROME")):
+        return PipelineNotApplicable, (
+            f"colour image (Samples per Pixel {samples}, Photometric Interpretation {photometric or 'absent'}); "
+            "the model reads grey-scale radiographs"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        return PipelineNotApplicable, f"{frames} frames; a radiograph has one"
+    view = str(ds.get("ViewPosition", "") or "").upper()
+    if view in _LATERAL_VIEWS:
+        return PipelineNotApplicable, f"lateral view (View Position {view}); the model reads frontal views"
+    if "PixelData" not in ds:
+        return PipelineInputError, "Pixel Data (7FE0,0010) is absent"
+    if not ds.PixelData:
+        return PipelineInputError, "Pixel Data (7FE0,0010) is empty (zero length)"
+    return None
 
 
 class PneumoniaPipeline:
@@ -73,30 +107,34 @@ class PneumoniaPipeline:
 
     @property
     def model_version(self) -> str:
-        return self.model.model_version
+        return self.algorithm.label
 
     def frontal_images(self, study: Study, log=None) -> list[Dataset]:
-        """The study's single-frame CR/DX images that are not lateral views."""
-        images = []
+        """The study's single-frame grey-scale CR/DX images that are not lateral views."""
+        return self.select_images(study, log)[0]
+
+    def select_images(self, study: Study, log=None) -> tuple[list[Dataset], list[tuple[type[Exception], str]]]:
+        """Split the study into images this model reads and the others.
+
+        Returns
+        -------
+        images, skipped:
+            The usable images, and for each other one the exception class
+            that says why (:class:`PipelineNotApplicable` for a valid image
+            that is not a frontal grey-scale radiograph,
+            :class:`PipelineInputError` for a faulty one) and the reason.
+        """
+        images: list[Dataset] = []
+        skipped: list[tuple[type[Exception], str]] = []
         for ds in study.datasets:
-            modality = str(ds.get("Modality", "")).upper()
-            view = str(ds.get("ViewPosition", "") or "").upper()
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            why = None
-            if modality not in ("CR", "DX"):
-                why = f"Modality {modality or 'absent'} is not CR or DX"
-            elif "PixelData" not in ds:
-                why = "no Pixel Data"
-            elif frames != 1:
-                why = f"{frames} frames; a radiograph has one"
-            elif view in _LATERAL_VIEWS:
-                why = f"lateral view ({view}); the model reads frontal views"
-            if why:
-                if log:
-                    log.info("image_skipped", sop_instance_uid=ds.get("SOPInstanceUID"), reason=why)
+            why = _unusable(ds)
+            if why is None:
+                images.append(ds)
                 continue
-            images.append(ds)
-        return images
+            if log:
+                log.info("image_skipped", sop_instance_uid=ds.get("SOPInstanceUID"), reason=why[1])
+            skipped.append(why)
+        return images, skipped
 
     def run(self, study: Study, context: PipelineContext) -> list[Dataset]:
         """Classify each frontal image and write its SEG and SR.
@@ -107,40 +145,47 @@ class PneumoniaPipeline:
 
         Raises
         ------
+        PipelineNotApplicable
+            No image of the series is a frontal single-frame grey-scale CR/DX
+            radiograph, and none is faulty (the message says what they are).
         PipelineInputError
-            No frontal CR/DX image, or pixel data / attributes that cannot be
-            used (the message says which and why).
+            No usable image and at least one faulty one, or pixel data /
+            attributes of a frontal image that cannot be used (the message
+            names the image and the attribute).
         """
         log = context.log
-        images = self.frontal_images(study, log)
+        images, skipped = self.select_images(study, log)
         if not images:
-            raise PipelineInputError("no frontal single-frame CR/DX image in the series")
+            faults = [why for kind, why in skipped if kind is PipelineInputError]
+            reasons = "; ".join(dict.fromkeys(faults or [why for _, why in skipped]))
+            kind = PipelineInputError if faults else PipelineNotApplicable
+            raise kind(f"no frontal single-frame CR/DX image in the series: {reasons}")
         results: list[Dataset] = []
         timings = context.timings
         for ds in images:
             t = time.perf_counter()
-            try:
-                prediction = self.model.predict_dataset(ds, cam=True)
+            try:  # only the reading of the input is an input fault; the model's errors keep their traceback
+                source = dicom_to_image(ds)
             except ValueError as exc:
                 raise PipelineInputError(f"image {ds.SOPInstanceUID}: {exc}") from exc
+            prediction = self.model.predict(source, cam=True)
             timings["inference"] = timings.get("inference", 0.0) + time.perf_counter() - t
             for note in prediction.notes:
                 if log:
                     log.info("preprocessing", sop_instance_uid=ds.SOPInstanceUID, note=note)
             mask = cam_mask(prediction.cam, self.settings.cam_threshold)
             t = time.perf_counter()
-            try:
-                seg, repairs = write_seg(ds, mask, algorithm=self.algorithm, context=context)
-                sr, _ = write_sr(
-                    ds,
-                    mask,
-                    probability=prediction.probability,
-                    threshold=self.threshold,
-                    algorithm=self.algorithm,
-                    context=context,
-                )
-            except ValueError as exc:
-                raise PipelineInputError(f"image {ds.SOPInstanceUID}: cannot write results: {exc}") from exc
+            # Source attributes the writers cannot use raise PipelineInputError
+            # (pipelines.common.sanitize); any other error is ours and keeps its traceback.
+            seg, repairs = write_seg(ds, mask, algorithm=self.algorithm, context=context)
+            sr, _ = write_sr(
+                ds,
+                mask,
+                probability=prediction.probability,
+                threshold=self.threshold,
+                algorithm=self.algorithm,
+                context=context,
+            )
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t
             if log:
                 for repair in repairs:  # SEG and SR share the same repairs

@@ -210,11 +210,14 @@ def dicom_to_image(ds: Dataset) -> SourceImage:
     Raises
     ------
     ValueError
-        Naming the attribute: no Pixel Data, colour or multi-frame image,
-        unsupported Photometric Interpretation, constant image.
+        Naming the attribute: no or empty Pixel Data, pixel data that cannot
+        be decoded, colour or multi-frame image, unsupported Photometric
+        Interpretation, constant image.
     """
     if "PixelData" not in ds:
         raise ValueError("PixelData (7FE0,0010) is absent")
+    if not ds.PixelData:  # zero length: pydicom reads None and its decoder fails with a TypeError
+        raise ValueError("PixelData (7FE0,0010) is empty (zero length)")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ValueError(f"SamplesPerPixel is {ds.SamplesPerPixel}, expected 1 (grey-scale radiograph)")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -224,7 +227,11 @@ def dicom_to_image(ds: Dataset) -> SourceImage:
         raise ValueError(f"NumberOfFrames is {ds.NumberOfFrames}, expected a single-frame radiograph")
 
     notes = []
-    arr = apply_modality_lut(ds.pixel_array, ds)
+    try:
+        pixels = ds.pixel_array
+    except ValueError as exc:  # pydicom: length does not match Rows x Columns x bits, bad fragments
+        raise ValueError(f"PixelData (7FE0,0010) cannot be decoded: {exc}") from exc
+    arr = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
         how = "VOI LUT Sequence" if "VOILUTSequence" in ds else (

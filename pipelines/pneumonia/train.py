@@ -34,16 +34,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
-import hashlib
 import logging
 import math
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +60,18 @@ from models.card import (
     Weights,
 )
 from models.densenet import PNEUMONIA_INDEX, XRV_LABELS, XRVDenseNet121
-from pipelines.common.training import TrainResult, check_fields
+from pipelines.common.training import (
+    TrainResult,
+    card_markdown,
+    check_fields,
+    command_line,
+    config_hyperparameters,
+    configure_logging,
+    run_environment,
+    save_float16_weights,
+    state_copy,
+    write_card,
+)
 from pipelines.pneumonia.preprocess import CxrPreprocessor, png_to_image
 
 log = logging.getLogger(__name__)
@@ -369,10 +375,6 @@ def _mean_auroc(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def train_pneumonia(config: TrainConfig) -> TrainResult:
     """Train, evaluate and write the demonstration weights and model card.
 
@@ -504,7 +506,7 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
             log.info("%s%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                      "  *" if improved else "")
             if improved:
-                best_state, best, since = _state(model), {**metrics, "epoch": epoch}, 0
+                best_state, best, since = state_copy(model), {**metrics, "epoch": epoch}, 0
             else:
                 since += 1
                 if since >= config.patience:
@@ -562,12 +564,7 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
 
     # Weights: float16 storage halves the file (~14 MB); the registry casts to float32.
     out = Path(config.out_dir)
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    (out / "cards").mkdir(parents=True, exist_ok=True)
-    weights_path = out / "weights" / f"{config.name}.pt"
-    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save(sd, weights_path)
-    sha = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    weights_path, sha = save_float16_weights(model.state_dict(), out, config.name)
 
     wall = time.monotonic() - t_start
     positives = {s: int(pneu[ii].sum()) for s, ii in idx.items()}
@@ -624,12 +621,9 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
         training=TrainingRun(
             command=config.command or "train_pneumonia(...)",
             wall_time_s=round(wall, 1),
-            date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            hardware=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
-            software=_versions(),
+            **run_environment(_versions()),
             hyperparameters={
-                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                   if k not in ("data_dir", "out_dir", "command", "name", "version")},
+                **config_hyperparameters(config),
                 "stage1_best_epoch": best1["epoch"],
                 "stage2_best_epoch": best2["epoch"],
                 "epochs_run": len(history),
@@ -653,43 +647,23 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
         ],
     )
     card_path = out / "cards" / f"{config.name}.json"
-    card.to_file(card_path)
-    (out / "cards" / f"{config.name}.md").write_text(render_card_markdown(card), encoding="utf-8")
+    write_card(card, card_path, render_card_markdown(card))
     log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
              card_path, wall)
     return TrainResult(card_path, weights_path, card, wall, history)
 
 
 def _versions() -> dict[str, str]:
-    import monai
+    """Versions of the libraries this training uses beyond :func:`run_environment`'s."""
     import skimage
     import sklearn
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "scikit-image": skimage.__version__,
-    }
+    return {"scikit-learn": sklearn.__version__, "scikit-image": skimage.__version__}
 
 
 def render_card_markdown(card: ModelCard) -> str:
     """A short human-readable model card generated from the JSON card."""
-    lines = [
-        f"# {card.name} {card.version}",
-        "",
-        "**Demonstration weights: not for diagnosis.**" if card.demonstration_only else "",
-        "",
-        card.description,
-        "",
-        "## Intended use",
-        "",
-        card.intended_use,
-        "",
-        "## Model",
-        "",
+    model = [
         f"- Architecture: `{card.architecture.name}` {card.architecture.params}, weights "
         f"`{card.weights.path}` ({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",
         f"- Input: {card.input.size[0]}x{card.input.size[1]}, {card.input.channels} channel, modalities "
@@ -701,28 +675,23 @@ def render_card_markdown(card: ModelCard) -> str:
     ]
     if card.operating_point:
         op = card.operating_point
-        lines.append(f"- Operating point: {op.threshold:.4g} ({op.method}; sensitivity {op.sensitivity}, "
+        model.append(f"- Operating point: {op.threshold:.4g} ({op.method}; sensitivity {op.sensitivity}, "
                      f"specificity {op.specificity} there).")
-    lines += ["", "## Measured performance", "", "| metric | value | 95 % CI | n (positives) | split |",
-              "|---|---|---|---|---|"]
+    performance = ["| metric | value | 95 % CI | n (positives) | split |", "|---|---|---|---|---|"]
     for m in card.metrics:
         ci = f"{m.ci95_low:.3f}-{m.ci95_high:.3f}" if m.ci95_low is not None else ""
         n = f"{m.n} ({m.n_positive})" if m.n_positive is not None else f"{m.n}"
-        lines.append(f"| {m.name} | {m.value:.3f} | {ci} | {n} | {m.split} |")
+        performance.append(f"| {m.name} | {m.value:.3f} | {ci} | {n} | {m.split} |")
     if card.metrics and card.metrics[0].ci_method:
-        lines += ["", f"Intervals: {card.metrics[0].ci_method}."]
-    td = card.training_data
-    lines += ["", "## Training data", "", td.description, ""] + [f"- {s}" for s in td.sources]
-    if td.split:
-        lines += ["", f"Split: {td.split.method}; seed {td.split.seed}; images {td.split.counts}; pneumonia "
-                  f"positives {td.split.positives}. The test and validation patient ids are in the JSON card."]
-    if card.training:
-        lines += ["", "## Training run", "", f"`{card.training.command}`", "",
-                  f"Wall time {card.training.wall_time_s:.0f} s on {card.training.hardware}; {card.training.date}.",
-                  "", card.training.notes or ""]
-    lines += ["", "## Licence", "", f"{card.licence.spdx}. {card.licence.notes or ''}", "", "## References", ""]
-    lines += [f"- {r}" for r in card.references]
-    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+        performance += ["", f"Intervals: {card.metrics[0].ci_method}."]
+    split = card.training_data.split
+    return card_markdown(
+        card,
+        model=model,
+        performance=performance,
+        split=f"Split: {split.method}; seed {split.seed}; images {split.counts}; pneumonia positives "
+        f"{split.positives}. The test and validation patient ids are in the JSON card." if split else None,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -740,11 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only N images (smoke runs)")
     parser.add_argument("--log-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if args.log_file:
-        handlers.append(logging.FileHandler(args.log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
-    command = "python -m pipelines.pneumonia.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    configure_logging(args.log_file)
+    command = command_line("pipelines.pneumonia.train", argv)
     config = TrainConfig(
         data_dir=args.data, out_dir=args.out, name=args.name, version=args.version, size=args.size, seed=args.seed,
         time_budget_s=args.budget_min * 60, bootstrap=args.bootstrap, threads=args.threads, limit=args.limit,

@@ -24,14 +24,14 @@ The pipeline's call::
 
 Both objects take patient and study attributes from a sanitised copy of the
 source (see :mod:`pipelines.common.sanitize`); ``repairs`` says what changed.
-Their UIDs are deterministic (:func:`pipelines.common.derived.derived_uids`).
+Their UIDs are deterministic (:func:`pipelines.common.uids.derived_uids`).
 
 Why these forms (docs/architecture.md, "Chest radiograph SEG and SR"): a
 radiologist reviews them in OHIF 3.13.2, which
 
 - draws a SEG only with Pixel Measures and Plane Orientation, which a
   source without Frame of Reference does not give highdicom (see
-  :func:`pipelines.common.derived.add_pixel_grid_geometry`);
+  :func:`pipelines.common.seg_geometry.add_pixel_grid_geometry`);
 - crashes on any TID 1500 measurement group without spatial coordinates
   (OHIF/Viewers #3390: groups derived from a SEG, and image-level TID 1501
   groups, are not supported), so the one group carries a SCOORD.
@@ -70,27 +70,19 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from pipelines.base import PipelineContext
-from pipelines.common.derived import (
+from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmDescription,
-    Repair,
-    add_patient_orientation,
-    add_pixel_grid_geometry,
     check_long_string,
-    derived_uid,
-    derived_uids,
-    device_observation_context,
-    device_uid,
     ensure_valid_values,
     fit_long_string,
-    image_library,
-    image_outline,
-    insert_image_library,
-    region_outline,
-    sanitize_source,
-    segmentation_source,
     series_description,
 )
+from pipelines.common.outline import image_outline, region_outline
+from pipelines.common.sanitize import Repair, sanitize_source
+from pipelines.common.seg_geometry import add_patient_orientation, add_pixel_grid_geometry, segmentation_source
+from pipelines.common.sr_content import device_observation_context, image_library, insert_image_library
+from pipelines.common.uids import derived_uid, derived_uids, device_uid
 
 __all__ = [
     "PIPELINE",
@@ -164,7 +156,7 @@ def write_seg(
     or Imager Pixel Spacing, the SEG also has shared Pixel Measures (that
     spacing) and Plane Orientation ``1\\0\\0\\0\\1\\0`` (the identity of the
     pixel grid), which OHIF needs to draw it; why, and the PS3.3 text, in
-    :func:`pipelines.common.derived.add_pixel_grid_geometry`. Without a
+    :func:`pipelines.common.seg_geometry.add_pixel_grid_geometry`. Without a
     valid spacing (RG1_UNCR's ``0\\0``, reported as a repair) neither is
     written.
 
@@ -195,7 +187,7 @@ def write_seg(
     -------
     seg, repairs:
         The Segmentation, and what was repaired or left out of the source's
-        values (:class:`pipelines.common.derived.Repair`, ``str()`` for logs).
+        values (:class:`pipelines.common.sanitize.Repair`, ``str()`` for logs).
 
     Raises
     ------
@@ -287,7 +279,7 @@ def write_sr(
         is SELECTED FROM the source: this is the SR's reference to it),
         geometric purpose DCM "Outline". With attention pixels in ``mask``
         it outlines the largest 4-connected region, holes filled
-        (:func:`pipelines.common.derived.region_outline`), finding category
+        (:func:`pipelines.common.outline.region_outline`), finding category
         SCT "Spatial and Relational Concept", finding DCM "Gradient-weighted
         class activation", Tracking Identifier :data:`SEGMENT_LABEL` (with
         "largest of n regions" when there are several; the SEG holds them
