@@ -43,5 +43,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays at WARNING unless we debug.
-    for name in ("pynetdicom", "apscheduler", "urllib3", "highdicom"):
+    for name in ("pynetdicom", "apscheduler", "urllib3", "highdicom", "uvicorn"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -1,0 +1,21 @@
+"""The node's HTTP API: one FastAPI app on uvicorn, in the node's process.
+
+- ``GET /health`` (no token): 200 when the SCP listens and the index
+  answers, else 503.
+- ``GET /status`` (scope ``read``): JSON counts of series, jobs and
+  deliveries by state, and the latest jobs and deliveries.
+- ``GET /metrics`` (scope ``read``): Prometheus text format, from the node's
+  own registry.
+
+HTTPS with ``[api.tls]``; bearer tokens with scopes with ``[[api.tokens]]``
+(:mod:`node.api.auth`). Modules: :mod:`node.api.app` (the app factory),
+:mod:`node.api.auth`, :mod:`node.api.server` (uvicorn in a thread),
+:mod:`node.api.routers`.
+"""
+
+from node.api.app import create_app
+from node.api.auth import Scope, TokenAuth, requires
+from node.api.server import ApiServer
+from node.metrics import Metrics
+
+__all__ = ["ApiServer", "Metrics", "Scope", "TokenAuth", "create_app", "requires"]
