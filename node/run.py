@@ -11,7 +11,12 @@ Workers are threads (``[worker] concurrency``, 1 by default). A job:
 A crash anywhere before step 4 leaves the job ``running``; on restart the node
 queues it again, and because derived UIDs are deterministic a re-run
 overwrites rather than duplicates. A pipeline exception marks the job
-``failed`` with its traceback, and the node keeps serving.
+``failed`` with its traceback, and the node keeps serving; an input fault
+(:class:`~pipelines.base.PipelineInputError`) marks it ``failed`` with its
+reason only; valid input the pipeline does not process
+(:class:`~pipelines.base.PipelineNotApplicable`) ends ``not_applicable``.
+An operator queues failed jobs again with ``ainode jobs retry``; the workers
+poll for queued jobs at least once a second, so a running node picks them up.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import pydicom
 import structlog
 
 from node.config import NodeConfig
-from node.index import Index, JobView
+from node.index import Index, JobState, JobView
 from node.spool import Spool
 from pipelines import pipeline_class
-from pipelines.base import PipelineContext, PipelineInputError, Study
+from pipelines.base import PipelineContext, PipelineInputError, PipelineNotApplicable, Study
 from pipelines.common.seg_frames import omit_empty_frames
 
 
@@ -156,8 +161,10 @@ class Runner:
                 continue
             self.run_job(job)
 
-    def run_job(self, job: JobView) -> str:
-        """Run one claimed job to ``done`` or ``failed``; returns the state."""
+    def run_job(self, job: JobView) -> JobState:
+        """Run one claimed job to ``done``, ``failed`` or ``not_applicable``
+        (:class:`pipelines.base.PipelineNotApplicable`: no result, no
+        traceback, counted apart from failures); returns the state."""
         log = self.log.bind(job_id=job.id, pipeline=job.pipeline, study_uid=job.study_uid, series_uid=job.series_uid)
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -181,29 +188,35 @@ class Runner:
             timings["write_outbox"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - started
             self.index.finish_job(job.id, stored, json.dumps(timings))
+        except PipelineNotApplicable as exc:
+            timings["total"] = time.perf_counter() - started
+            log.info("job_not_applicable", reason=str(exc), timings=timings)
+            self.index.fail_job(job.id, str(exc), None, json.dumps(timings), state=JobState.NOT_APPLICABLE)
+            self._count(job, JobState.NOT_APPLICABLE, timings)
+            return JobState.NOT_APPLICABLE
         except PipelineInputError as exc:
             timings["total"] = time.perf_counter() - started
             log.warning("job_failed", reason=str(exc), timings=timings)
             self.index.fail_job(job.id, str(exc), None, json.dumps(timings))
-            self._count(job, "failed", timings)
-            return "failed"
+            self._count(job, JobState.FAILED, timings)
+            return JobState.FAILED
         except Exception as exc:
             timings["total"] = time.perf_counter() - started
             tb = traceback.format_exc()
             log.error("job_failed", reason=repr(exc), traceback=tb, timings=timings)
             self.index.fail_job(job.id, f"{type(exc).__name__}: {exc}", tb, json.dumps(timings))
-            self._count(job, "failed", timings)
-            return "failed"
+            self._count(job, JobState.FAILED, timings)
+            return JobState.FAILED
         log.info(
             "job_done",
             results=[f"{ds.Modality} {ds.SOPInstanceUID} -> {','.join(dests)}" for ds, _, dests in stored],
             destinations=list(job.destinations),
             timings={k: round(v, 3) for k, v in timings.items()},
         )
-        self._count(job, "done", timings)
+        self._count(job, JobState.DONE, timings)
         if self.on_results:
             self.on_results()
-        return "done"
+        return JobState.DONE
 
     def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
         """Write results to the outbox and say where each goes: a SEG goes in
@@ -223,7 +236,7 @@ class Runner:
                 stored.append((variant, self.spool.store_result(variant, "compact"), tuple(compact)))
         return stored
 
-    def _count(self, job: JobView, state: str, timings: dict[str, float]) -> None:
+    def _count(self, job: JobView, state: JobState, timings: dict[str, float]) -> None:
         if self.metrics:
             self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()
             self.metrics.job_seconds.labels(pipeline=job.pipeline).observe(timings.get("total", 0.0))

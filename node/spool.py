@@ -1,6 +1,6 @@
 """Spool: durable files for received instances, refused instances and results.
 
-Layout (DESIGN.md, "State, and why nothing is lost")::
+Layout (docs/architecture.md, "State, and why nothing is lost")::
 
     spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm     received instances
     quarantine/<time>-<id>.dcm + .json                     refused instances and why
@@ -28,6 +28,8 @@ from pydicom import Dataset
 
 # UIDs become path components: digits and dots only keeps '..' and '/' out.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# write_durable's temporary names: .<final name>.<uuid4 hex>.tmp
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
 def is_safe_uid(value: object) -> bool:
@@ -161,6 +163,27 @@ class Spool:
             pass
         return n
 
+    def remove_temporary_files(self) -> tuple[int, int]:
+        """Delete what :func:`write_durable` leaves when the process is killed
+        between creating its temporary file and the rename
+        (``.<name>.<hex>.tmp``, in the spool's series folders, the quarantine
+        and the outbox). Only safe while nothing writes: the node calls it at
+        start-up, before the SCP listens. Returns (files, bytes) removed."""
+        files = size = 0
+        for root in (self.spool_dir, self.quarantine_dir, self.outbox_dir):
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    if not _TEMPORARY.match(name):
+                        continue
+                    path = Path(folder) / name
+                    try:
+                        n = path.stat().st_size
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    files, size = files + 1, size + n
+        return files, size
+
     # -- refused instances ----------------------------------------------------
 
     def quarantine(self, encoded: bytes, reason: str, details: dict) -> Path:
@@ -229,3 +252,47 @@ def read_header(source: Path | bytes, keywords: tuple[str, ...] | None = None) -
     for _ in ds:  # decode the few kept values now
         pass
     return ds
+
+
+class FreeSpace:
+    """Whether the spool's file system has room for another instance.
+
+    Below ``min_free_mb`` MiB or ``min_free_percent`` % free, :meth:`ok` is
+    False and the receive step answers 0xA700 "Out of resources" (PS3.4
+    B.2.3) before writing anything, so the peer retries later instead of
+    the node filling its disk. ``shutil.disk_usage`` is asked at most once
+    every ``max_age_seconds``; each change of state is logged once, and the
+    node accepts again by itself when space returns.
+    """
+
+    def __init__(self, path: Path, min_free_mb: float, min_free_percent: float, *, max_age_seconds: float = 1.0):
+        import structlog
+
+        self.path = Path(path)
+        self.min_free_bytes = min_free_mb * 2**20
+        self.min_free_percent = min_free_percent
+        self.max_age_seconds = max_age_seconds
+        self.reason: str | None = None  # why there is no room, None when there is
+        self._checked_at = -float("inf")
+        self._log = structlog.get_logger("node.spool")
+
+    def ok(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= self.max_age_seconds:
+            self._checked_at = now
+            usage = shutil.disk_usage(self.path)
+            percent = 100 * usage.free / usage.total if usage.total else 0.0
+            short = usage.free < self.min_free_bytes or percent < self.min_free_percent
+            reason = (
+                f"{usage.free / 2**20:.0f} MiB ({percent:.1f} %) free on {self.path}; the node needs "
+                f"{self.min_free_bytes / 2**20:.0f} MiB and {self.min_free_percent} %"
+                if short
+                else None
+            )
+            if (reason is None) != (self.reason is None):
+                if reason:
+                    self._log.error("disk_space_low", path=str(self.path), free_bytes=usage.free, reason=reason)
+                else:
+                    self._log.info("disk_space_recovered", path=str(self.path), free_bytes=usage.free)
+            self.reason = reason
+        return self.reason is None

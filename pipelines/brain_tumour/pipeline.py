@@ -75,6 +75,8 @@ class BrainTumourPipeline:
 
     name = PIPELINE
     level = "study"
+    #: The sequence roles it reads, where no route says (``ainode run``).
+    required_roles = ROLES
 
     def __init__(self, settings: BrainTumourSettings, registry: ModelRegistry, device: str = "cpu"):
         self.settings = settings

@@ -62,6 +62,7 @@ from monai.transforms import NormalizeIntensity
 
 from pipelines.base import PipelineInputError
 from pipelines.brain_tumour.volume import SeriesVolume
+from pipelines.common.resample import labels_onto_grid
 
 __all__ = [
     "DEFAULT_CHANNEL_ORDER",
@@ -955,5 +956,4 @@ def to_reference(labels_on_model_grid: np.ndarray, prep: PreprocessedStudy, refe
         )
     labels = sitk.GetImageFromArray(np.ascontiguousarray(labels_on_model_grid))
     labels.CopyInformation(prep.grid)
-    out = sitk.Resample(labels, reference.image, transform.GetInverse(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(out)
+    return labels_onto_grid(labels, reference.image, transform.GetInverse())
