@@ -1,20 +1,31 @@
 """Receive: the Storage and Verification SCP (pynetdicom).
 
 Each handler does one thing and returns a status, as pynetdicom's examples do.
-The C-STORE handler takes the fast path DESIGN.md describes: it writes the
-dataset exactly as the peer encoded it, parses only the header up to the pixel
-data, and answers 0x0000 only after the file is durable and indexed.
+The C-STORE handler takes the fast path (docs/architecture.md, "State, and why
+nothing is lost"): it writes the dataset exactly as the peer encoded it, parses
+only the header up to the pixel data, and answers 0x0000 only after the file is
+durable and indexed.
 
 Refusals (PS3.4 Annex B.2.3 and PS3.7 C.4.2.1.4 for the status codes):
 
-- a caller not on the allow-list: A-ASSOCIATE-RJ, rejected-permanent,
-  service-user, "calling AE title not recognised" (PS3.8 9.3.4);
-- a dataset that cannot be parsed: 0xC210 "Cannot understand";
-- missing or malformed UIDs, or a dataset that contradicts the request's
-  Affected SOP Class/Instance UID: 0xA900 "Data Set does not match SOP Class";
-- the disk or index failing: 0xA700 "Out of resources", so the peer retries.
+- a Called AE Title that is not ours (``ae_title`` or ``aliases``):
+  A-ASSOCIATE-RJ, rejected-permanent, service-user, "called AE title not
+  recognised" (PS3.8 9.3.4);
+- a caller not on the allow-list: A-ASSOCIATE-RJ, "calling AE title not
+  recognised";
+- faults in the data (:mod:`node.ingest` decides): 0xC210 "Cannot
+  understand" or 0xA900 "Data Set does not match SOP Class", quarantined;
+- too little free disk, or the disk or index failing: 0xA700 "Out of
+  resources", so the peer retries.
 
-Refused datasets are kept in ``quarantine/`` with the reason.
+Refused datasets are kept in ``quarantine/`` with the reason. Every
+association request, accepted or rejected, is one log line and one row of
+``associations`` (calling and called AE, peer, TLS, client certificate).
+
+Storage SOP Classes: every one of PS3.6, retired ones included (an old
+ultrasound still sends Ultrasound Image Storage (Retired)), plus
+``[node] extra_sop_classes`` (private ones), as Orthanc's
+``UnknownSopClassAccepted`` and dcmtk's ``storescp --promiscuous`` allow.
 """
 
 from __future__ import annotations
@@ -30,17 +41,15 @@ from typing import Any
 import structlog
 from pydicom import uid
 from pydicom.uid import AllTransferSyntaxes, UID
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, AllStoragePresentationContexts, evt, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class  # type: ignore[attr-defined]
 
+from node import tls
 from node.config import NodeConfig
-from node.index import Index, InstanceRecord
-from node.spool import INDEX_KEYWORDS, Spool, is_safe_uid, read_header
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
+from node.index import AssociationOutcome, Index, InstanceRecord
+from node.ingest import Refused, Status, check_instance
+from node.spool import FreeSpace, Spool
 
 _LOSSLESS = {
     uid.RLELossless,
@@ -51,7 +60,6 @@ _LOSSLESS = {
     uid.HTJ2KLossless,
     uid.HTJ2KLosslessRPCL,
 }
-_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -76,6 +84,33 @@ def accepted_transfer_syntaxes() -> list[str]:
             continue
     native = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
     out.sort(key=lambda ts: (not UID(ts).is_compressed, ts not in _LOSSLESS, native.index(ts) if ts in native else 9))
+    return out
+
+
+def storage_sop_classes(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The SOP Classes the SCP accepts for C-STORE: pynetdicom's storage
+    contexts, the retired Storage SOP Classes of PS3.6 (pydicom's UID
+    dictionary; not Storage Commitment, which is no C-STORE) and ``extra``.
+
+    Classes pynetdicom does not know are registered with its Storage
+    Service Class (``pynetdicom.register_uid``), or its C-STORE would be
+    refused as not implemented. pynetdicom limits *requested* contexts to
+    128, not supported ones.
+    """
+    from pydicom._uid_dict import UID_dictionary
+
+    out = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    retired = [
+        u
+        for u, (name, kind, _, status, _) in UID_dictionary.items()
+        if kind == "SOP Class" and status == "Retired" and "Storage" in name and "Storage Commitment" not in name
+    ]
+    for u in [*retired, *extra]:
+        if u in out:
+            continue
+        if uid_to_service_class(u) is not StorageServiceClass:
+            register_uid(u, "AINodeStorage_" + u.replace(".", "_"), StorageServiceClass)
+        out.append(u)
     return out
 
 
@@ -112,7 +147,10 @@ class Receiver:
         self.log = structlog.get_logger("node.receive")
         self._assoc_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._server = None
+        self._server = None  # plain DICOM
+        self._tls_server = None  # DICOM TLS ([node.tls])
+        storage = config.storage
+        self.free_space = FreeSpace(spool.spool_dir, storage.min_free_mb, storage.min_free_percent)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -120,20 +158,45 @@ class Receiver:
         ae = AE(ae_title=cfg.ae_title)
         syntaxes = accepted_transfer_syntaxes()
         ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        for sop_class in storage_sop_classes(cfg.extra_sop_classes):
+            ae.add_supported_context(sop_class, syntaxes)
         ae.maximum_associations = cfg.maximum_associations
         ae.network_timeout = cfg.network_timeout_seconds
         ae.dimse_timeout = cfg.dimse_timeout_seconds
         ae.acse_timeout = 30
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from the peer
+        # Finite: with 0 (no limit) a peer may send a 4 GiB PDU, held in memory
+        # whole. 256 KiB keeps the per-PDU overhead negligible for images.
+        ae.maximum_pdu_size = cfg.maximum_pdu_size
+        # Called AE Title: handle_requested checks it against ae_title and the
+        # aliases; pynetdicom's require_called_aet compares with ae_title only.
+        ae.require_called_aet = False
         return ae
 
     @property
     def address(self) -> tuple[str, int]:
+        """(host, port) of the plain DICOM listener.
+
+        Raises
+        ------
+        RuntimeError
+            Not started, or ``[node] plain = false``.
+        """
         if self._server is None:
-            raise RuntimeError("Receiver is not started")
+            raise RuntimeError("Receiver is not started" if self._tls_server is None else "plain DICOM is off ([node] plain = false)")
         return self._server.server_address[:2]
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """(host, port) of the DICOM TLS listener.
+
+        Raises
+        ------
+        RuntimeError
+            Not started, or no ``[node.tls]``.
+        """
+        if self._tls_server is None:
+            raise RuntimeError("Receiver is not started" if self._server is None else "DICOM TLS is off (no [node.tls])")
+        return self._tls_server.server_address[:2]
 
     def start(self) -> None:
         cfg = self.config.node
@@ -141,18 +204,42 @@ class Receiver:
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self.handle_aborted),
         ]
-        self._server = self.ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
-        self.log.info("scp_listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.address[1])
+        if cfg.plain:
+            self._server = tls.start_server(
+                self.ae, (cfg.bind_address, cfg.port), handlers, backlog=cfg.listen_backlog
+            )
+            self.log.info("scp_listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.address[1])
+        if cfg.tls is not None:
+            try:
+                self._tls_server = tls.start_server(
+                    self.ae,
+                    (cfg.bind_address, cfg.tls.port),
+                    handlers,
+                    backlog=cfg.listen_backlog,
+                    tls_context=tls.server_context(cfg.tls),
+                    handshake_timeout=cfg.tls.handshake_timeout_seconds,
+                )
+            except BaseException:
+                self.stop()
+                raise
+            self.log.info(
+                "scp_listening", ae_title=cfg.ae_title, address=cfg.bind_address, port=self.tls_address[1], tls=True
+            )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """Stop listening; waits for running associations (and TLS
+        handshakes, at most ``handshake_timeout_seconds``) to end."""
+        for name in ("_server", "_tls_server"):
+            server = getattr(self, name)
+            if server is not None:
+                server.shutdown()
+                setattr(self, name, None)
 
     # -- association handlers -----------------------------------------------------
 
@@ -164,56 +251,106 @@ class Receiver:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def handle_requested(self, event) -> None:
-        """Refuse callers not on the allow-list with A-ASSOCIATE-RJ."""
-        rules = self.config.node.allowed_callers
-        if not rules:
-            return
+    def _peer(self, event) -> dict[str, Any]:
+        """Who is calling, for the audit: AE titles, address, TLS."""
         requestor = event.assoc.requestor
-        # Only the A-ASSOCIATE-RQ primitive is known at this point.
-        calling, address = requestor.primitive.calling_ae_title.strip(), requestor.address
-        if any(rule.allows(calling, address) for rule in rules):
+        primitive = requestor.primitive
+        is_tls, subject = tls.peer_tls_info(event.assoc)
+        return {
+            "calling_ae": str(primitive.calling_ae_title).strip(),
+            "called_ae": str(primitive.called_ae_title).strip(),
+            "peer_address": requestor.address,
+            "peer_port": requestor.port,
+            "tls": is_tls,
+            "client_cert_subject": subject,
+        }
+
+    def _audit(self, peer: dict[str, Any], outcome: AssociationOutcome, reason: str | None = None) -> str:
+        """One log line and one ``associations`` row per association request."""
+        assoc_id = str(uuid.uuid4())
+        event = "association_rejected" if outcome == AssociationOutcome.REJECTED else "association_accepted"
+        (self.log.warning if reason else self.log.info)(
+            event, association_id=assoc_id, outcome=str(outcome), reason=reason, **peer
+        )
+        try:
+            self.index.association_opened(
+                assoc_id, peer["calling_ae"], peer["peer_address"], peer["peer_port"],
+                called_ae=peer["called_ae"], tls=peer["tls"], client_cert_subject=peer["client_cert_subject"],
+                outcome=outcome, reason=reason,
+            )
+        except Exception as exc:  # the audit row must not stop DICOM; the log line stands
+            self.log.error("association_audit_failed", association_id=assoc_id, error=repr(exc))
+        return assoc_id
+
+    def handle_requested(self, event) -> None:
+        """Refuse with A-ASSOCIATE-RJ, rejected-permanent, DICOM UL
+        service-user (PS3.8 9.3.4), an association whose Called AE Title
+        is not ours nor an alias (reason 7, called-AE-title-not-recognized;
+        pynetdicom's ``AE.require_called_aet`` knows only one title, hence
+        here), or whose caller is not on the allow-list (reason 3,
+        calling-AE-title-not-recognized)."""
+        cfg = self.config.node
+        peer = self._peer(event)  # only the A-ASSOCIATE-RQ is known yet
+        if cfg.require_called_ae_title and peer["called_ae"] not in (cfg.ae_title, *cfg.aliases):
+            reason, diagnostic = f"Called AE Title {peer['called_ae']!r} is not {cfg.ae_title!r} nor an alias", 0x07
+        elif cfg.allowed_callers and not any(r.allows(peer["calling_ae"], peer["peer_address"]) for r in cfg.allowed_callers):
+            reason, diagnostic = "caller not on allowed_callers", 0x03
+        else:
             return
-        self.log.warning("association_rejected", calling_ae=calling, peer=address, reason="not on allowed_callers")
+        self._audit(peer, AssociationOutcome.REJECTED, reason)
         if self.metrics:
             self.metrics.associations_rejected.inc()
-        # rejected-permanent, DICOM UL service-user, calling AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         # As pynetdicom does for its own rejections: let the DUL send the
         # A-ASSOCIATE-RJ before the socket closes, or the peer sees an abort.
         event.assoc.kill()
 
+    def handle_rejected(self, event) -> None:
+        """pynetdicom's own rejections (too many associations, user identity)."""
+        self._audit(self._peer(event), AssociationOutcome.REJECTED, "rejected by pynetdicom (e.g. maximum_associations)")
+        if self.metrics:
+            self.metrics.associations_rejected.inc()
+
     def handle_accepted(self, event) -> None:
-        requestor = event.assoc.requestor
-        assoc_id = str(uuid.uuid4())
+        assoc_id = self._audit(self._peer(event), AssociationOutcome.ACCEPTED)
         with self._lock:
             self._assoc_ids[event.assoc] = assoc_id
-        self.index.association_opened(assoc_id, requestor.ae_title.strip(), requestor.address, requestor.port)
 
-    def _close(self, event, outcome: str) -> None:
+    def _close(self, event, outcome: AssociationOutcome) -> None:
         with self._lock:
             assoc_id = self._assoc_ids.pop(event.assoc, None)
         if assoc_id is None:
             return
         released = self.index.association_closed(assoc_id, outcome)
-        self.log.info("association_closed", association_id=assoc_id, outcome=outcome, series_released=released)
+        self.log.info("association_closed", association_id=assoc_id, outcome=str(outcome), series_released=released)
         if released and self.on_release is not None:
             self.on_release()
 
     def handle_released(self, event) -> None:
-        self._close(event, "released")
+        self._close(event, AssociationOutcome.RELEASED)
 
     def handle_aborted(self, event) -> None:
-        self._close(event, "aborted")
+        self._close(event, AssociationOutcome.ABORTED)
 
     # -- DIMSE handlers ---------------------------------------------------------
 
     def handle_echo(self, event) -> int:
-        return STATUS_SUCCESS
+        """C-ECHO: always 0x0000 Success (PS3.7 9.3.5)."""
+        return Status.SUCCESS
 
     def handle_store(self, event) -> int:
-        """Spool, index, then answer; see the module docstring for refusals."""
+        """C-STORE: check (:func:`node.ingest.check_instance`), spool,
+        index, then answer.
+
+        Returns 0x0000 once the file is durable and indexed (or was already:
+        a duplicate); 0xA900 or 0xC210 for a fault in the data, which is
+        quarantined; 0xA700 only when our disk is short of space
+        (``[storage] min_free_mb``, ``min_free_percent``; nothing written)
+        or the disk or index fails, so the peer retries.
+        """
         started = time.perf_counter()
+        if not self.free_space.ok():
+            return self._out_of_resources("instance_refused_disk_space", self.free_space.reason)
         requestor = event.assoc.requestor
         calling, address = requestor.ae_title.strip(), requestor.address
         with self._lock:
@@ -227,73 +364,57 @@ class Receiver:
             "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
             "affected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
         }
+        decision = check_instance(
+            encoded,
+            event.context.transfer_syntax,
+            sop_class_uid=peer["affected_sop_class_uid"],
+            sop_instance_uid=peer["affected_sop_instance_uid"],
+        )
+        if isinstance(decision, Refused):
+            return self._refuse(encoded, decision.status, decision.reason, peer)
 
-        try:
-            header = read_header(encoded, INDEX_KEYWORDS)
-        except Exception as exc:  # any parse failure: pydicom raises many kinds
-            return self._refuse(encoded, STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", peer)
-
-        bad = [kw for kw in _REQUIRED_UIDS if not is_safe_uid(str(header.get(kw, "")))]
-        if bad:
-            return self._refuse(
-                encoded, STATUS_DATASET_MISMATCH, f"missing or malformed {', '.join(bad)}", peer
-            )
-        if header.SOPInstanceUID != peer["affected_sop_instance_uid"]:
-            return self._refuse(
-                encoded,
-                STATUS_DATASET_MISMATCH,
-                f"SOPInstanceUID {header.SOPInstanceUID} differs from the request's "
-                f"Affected SOP Instance UID {peer['affected_sop_instance_uid']}",
-                peer,
-            )
-        if header.SOPClassUID != peer["affected_sop_class_uid"]:
-            return self._refuse(
-                encoded,
-                STATUS_DATASET_MISMATCH,
-                f"SOPClassUID {header.SOPClassUID} differs from the request's "
-                f"Affected SOP Class UID {peer['affected_sop_class_uid']}",
-                peer,
-            )
-
-        study_uid, series_uid, sop_uid = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
+        values = decision.values
+        study_uid, series_uid, sop_uid = values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]
         log = self.log.bind(study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid, calling_ae=calling)
-        if self.index.has_instance(sop_uid):
-            log.info("instance_duplicate")
-            if self.metrics:
-                self.metrics.instances_duplicate.inc()
-            return STATUS_SUCCESS
-
+        if decision.clipped:  # indexed clipped (PS3.5 6.2 maxima); the file keeps them whole
+            log.warning("instance_values_clipped", lengths=decision.clipped)
         try:
+            if self.index.has_instance(sop_uid):
+                log.info("instance_duplicate")
+                if self.metrics:
+                    self.metrics.instances_duplicate.inc()
+                return Status.SUCCESS
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, encoded)
-            record = InstanceRecord.from_header(
-                header, path, len(encoded), calling_ae=calling, peer_address=address, association_id=assoc_id
+            record = InstanceRecord.from_values(
+                values, decision.transfer_syntax_uid, path, len(encoded), clipped=bool(decision.clipped),
+                calling_ae=calling, peer_address=address, association_id=assoc_id,
             )
             new = self.index.record_instance(record)
         except OSError as exc:
-            log.error("instance_store_failed", error=str(exc))
-            if self.metrics:
-                self.metrics.instances_refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
-            return STATUS_OUT_OF_RESOURCES
+            return self._out_of_resources("instance_store_failed", str(exc), log)
         except Exception as exc:  # the index is down: the peer must retry
-            log.error("instance_index_failed", error=repr(exc))
-            if self.metrics:
-                self.metrics.instances_refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
-            return STATUS_OUT_OF_RESOURCES
+            return self._out_of_resources("instance_index_failed", repr(exc), log)
 
         if self.metrics:
             (self.metrics.instances_received if new else self.metrics.instances_duplicate).inc()
             self.metrics.store_seconds.observe(time.perf_counter() - started)
         log.debug("instance_stored", bytes=len(encoded), new=new)
-        return STATUS_SUCCESS
+        return Status.SUCCESS
 
-    def _refuse(self, encoded: bytes, status: int, reason: str, peer: dict) -> int:
-        details = {"dimse_status": f"0x{status:04X}", **peer}
+    def _out_of_resources(self, event: str, error: str | None, log=None) -> int:
+        (log or self.log).error(event, error=error)
+        if self.metrics:
+            self.metrics.instances_refused.labels(status=Status.OUT_OF_RESOURCES.code).inc()
+        return Status.OUT_OF_RESOURCES
+
+    def _refuse(self, encoded: bytes, status: Status, reason: str, peer: dict) -> int:
+        details = {"dimse_status": status.code, **peer}
         try:
             kept = self.spool.quarantine(encoded, reason, details)
         except OSError as exc:
             kept = None
             self.log.error("quarantine_failed", error=str(exc))
-        self.log.warning("instance_refused", status=details["dimse_status"], reason=reason, quarantined=str(kept), **peer)
+        self.log.warning("instance_refused", status=status.code, reason=reason, quarantined=str(kept), **peer)
         if self.metrics:
-            self.metrics.instances_refused.labels(status=details["dimse_status"]).inc()
+            self.metrics.instances_refused.labels(status=status.code).inc()
         return status

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.peers import SHARED_DATA, Orthanc, have_dcmtk, have_orthanc
+from tests.peers import SHARED_DATA, Orthanc, free_port, have_dcmtk, have_orthanc
 
 CXR_RSNA = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -46,3 +50,35 @@ def orthanc(tmp_path):
 def dcmtk():
     if not have_dcmtk():
         pytest.fail("dcmtk is required: apt-get install dcmtk")
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _pg_tool(name: str) -> str | None:
+    return shutil.which(name) or (str(PG_BIN / name) if (PG_BIN / name).exists() else None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for the session (Debian's initdb, pg_ctl on a
+    free loopback port); its URL."""
+    initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    pytest.importorskip("psycopg", reason="psycopg is needed for the PostgreSQL index")
+    root = Path(tempfile.mkdtemp(prefix="ainode-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "ainode", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", f"-p {port} -k {root} -h 127.0.0.1", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql+psycopg://ainode@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

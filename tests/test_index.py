@@ -1,15 +1,11 @@
 """The index on both backends: SQLite (WAL) and a real PostgreSQL server.
 
-The PostgreSQL server is started by the test from the Debian binaries
-(``initdb``, ``pg_ctl``) on a free loopback port.
+The PostgreSQL server is started by the ``postgres_url`` fixture
+(tests/conftest.py) from the Debian binaries on a free loopback port.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pydicom
@@ -17,36 +13,6 @@ import pytest
 import sqlalchemy
 
 from node.index import Index, InstanceRecord, utcnow
-from tests.peers import free_port
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _pg_tool(name: str) -> str | None:
-    return shutil.which(name) or (str(PG_BIN / name) if (PG_BIN / name).exists() else None)
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg", reason="psycopg is needed for the PostgreSQL index")
-    root = Path(tempfile.mkdtemp(prefix="ainode-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "ainode", "--auth=trust"], check=True, capture_output=True)
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", f"-p {port} -k {root} -h 127.0.0.1", "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    yield f"postgresql+psycopg://ainode@127.0.0.1:{port}/postgres"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -113,3 +79,38 @@ def test_instances_series_jobs_and_deliveries(index, rg1_uncr, tmp_path):
     assert counts["deliveries"] == {"delivered": 1, "pending": 1}
     assert counts["jobs"] == {"done": 1}
     assert index.series_info(ds.SeriesInstanceUID).state == "done"
+
+
+def test_resend_deliveries_selects_and_records(index, rg1_uncr, tmp_path):
+    import datetime as dt
+
+    ds = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
+    job_id = index.create_job(
+        pipeline="pneumonia", route="cxr", level="series", study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID, destinations=["a", "b"],
+    )
+    assert index.claim_job().id == job_id
+    result = pydicom.Dataset()
+    result.SOPInstanceUID, result.StudyInstanceUID = "1.2.3.4", ds.StudyInstanceUID
+    result.SeriesInstanceUID, result.SOPClassUID, result.Modality = "1.2.3", "1.2.840.10008.5.1.4.1.1.88.34", "SR"
+    index.finish_job(job_id, [(result, tmp_path / "r.dcm", ["a", "b"])])
+    ids = {d.destination: d.id for d in index.deliveries()}
+    for i in ids.values():
+        index.record_attempt(i, ok=False, status="0x0122", error="refused", seconds=0.1, next_attempt_at=None)
+    with pytest.raises(ValueError):
+        index.resend_deliveries(by="me")  # neither ids nor failed=True
+    with pytest.raises(ValueError):
+        index.resend_deliveries([ids["a"]], destination="a", by="me")
+    with pytest.raises(ValueError):
+        index.resend_deliveries(failed=True, by=" ")
+    assert index.resend_deliveries(failed=True, since=utcnow() + dt.timedelta(hours=1), by="me") == ([], [])
+    assert index.resend_deliveries(failed=True, destination="b", by="me", reason="PACS fixed") == ([ids["b"]], [])
+    assert index.resend_deliveries([ids["a"], 999], by="me") == ([ids["a"]], [999])
+    for d in index.deliveries():
+        assert (d.state, d.attempts, d.last_error) == ("pending", 0, "refused")
+        assert len(index.attempts(d.id)) == 1  # the earlier attempt is kept
+        assert index.delivery(d.id).destination == d.destination
+    assert [d.id for d in index.due_deliveries("b", utcnow())] == [ids["b"]]
+    (t,) = [t for t in index.transitions("delivery", ids["b"]) if t.to_state == "pending"]
+    assert (t.from_state, t.reason) == ("failed", "resend by me: PACS fixed")
+    assert index.delivery(12345) is None

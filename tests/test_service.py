@@ -72,7 +72,9 @@ def test_failed_job_is_recorded_and_the_node_keeps_serving(running, rg1_uncr):
     node, pacs, cfg = running
     node.start()
     broken = pydicom.dcmread(rg1_uncr)
-    del broken.PixelData  # a CR "image" without pixels: routed, then refused by the pipeline
+    # Empty Pixel Data: routed, then refused by the pipeline. (Without Pixel
+    # Data at all, a CR is refused at ingest: 0xA900, see node/ingest.py.)
+    broken.PixelData = b""
     broken.SeriesInstanceUID, broken.SOPInstanceUID = generate_uid(), generate_uid()
     assert send(cfg, broken) == [0x0000]
     wait_for(lambda: node.index.jobs() and node.index.jobs()[0].state == "failed", 60, what="failed job")
