@@ -14,8 +14,10 @@ Each matching rule becomes one queued job. A series no rule matches is kept as
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 from pydicom import Dataset
@@ -90,25 +92,137 @@ def _acquired(series_header: Dataset) -> str:
     return f"{series_header.get('SeriesDate', '') or ''}{series_header.get('SeriesTime', '') or ''}"
 
 
-def pick_series(candidates: Sequence[tuple[Series, Dataset]]) -> tuple[Series, str]:
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """A series offered for the sequence roles of a study-level pipeline.
+
+    Attributes
+    ----------
+    series_uid:
+        Series Instance UID (0020,000E).
+    header:
+        Its first instance, without pixel data.
+    instance_count:
+        How many instances it has.
+    received_at:
+        When its first instance arrived (UTC), the tie-break after Series
+        Date/Time; ``None`` where unknown (files read offline).
+    identified:
+        ``(role, reason)`` as :func:`classify_role` decided when the series
+        arrived (the node records it); ``None``: classify it here.
+    """
+
+    series_uid: str
+    header: Dataset
+    instance_count: int
+    received_at: dt.datetime | None = None
+    identified: tuple[str | None, str] | None = None
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What became of one series: the role it was identified as, the role it
+    fills (``None``: not used), and why, in the words the router logs."""
+
+    series_uid: str
+    description: str
+    identified: str | None
+    role: str | None
+    reason: str
+
+
+def pick_series(candidates: Sequence[SeriesCandidate]) -> tuple[SeriesCandidate, str]:
     """Choose one series among repeats that fill the same role: the later
     acquisition (Series Date/Time, else arrival), then the one with more
-    instances, then the higher Series Number, then the UID. Returns it and why."""
+    instances, then the higher Series Number, then the UID. Returns it and why.
 
-    def key(c: tuple[Series, Dataset]):
-        series, header = c
+    Raises
+    ------
+    ValueError
+        ``candidates`` is empty.
+    """
+    if not candidates:
+        raise ValueError("pick_series: no candidate series")
+
+    def key(c: SeriesCandidate):
         try:
-            number = int(header.get("SeriesNumber") or 0)
+            number = int(c.header.get("SeriesNumber") or 0)
         except (TypeError, ValueError):
             number = 0
-        return (_acquired(header), series.first_received_at, series.instance_count, number, series.series_uid)
+        return (_acquired(c.header), c.received_at or dt.datetime.min, c.instance_count, number, c.series_uid)
 
     ranked = sorted(candidates, key=key, reverse=True)
-    chosen = ranked[0][0]
+    chosen = ranked[0]
     if len(ranked) == 1:
         return chosen, "only candidate"
-    others = ", ".join(f"{s.series_uid} ({_show(h, 'SeriesDescription')}, {s.instance_count} instances)" for s, h in ranked[1:])
-    return chosen, f"latest acquisition ({_acquired(ranked[0][1]) or 'arrival order'}, {chosen.instance_count} instances) over {others}"
+    when = _acquired(chosen.header) or ("arrival order" if chosen.received_at else "no Series Date/Time")
+    others = ", ".join(f"{c.series_uid} ({_show(c.header, 'SeriesDescription')}, {c.instance_count} instances)" for c in ranked[1:])
+    return chosen, f"latest acquisition ({when}, {chosen.instance_count} instances) over {others}"
+
+
+def assign_roles(
+    candidates: Sequence[SeriesCandidate],
+    required_roles: Sequence[str],
+    sequences: Mapping[str, Sequence[Mapping[str, MatchValue]]],
+    overrides: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], list[RoleDecision]]:
+    """Assign the series of one study to the sequence roles of a study-level
+    pipeline, as the node does (see "Study-level rules" in
+    ``docs/architecture.md``): each series is identified by
+    :func:`classify_role` (unless ``identified`` already says), repeats of a
+    role are resolved by :func:`pick_series`.
+
+    ``overrides`` maps a role to the Series Instance UID that fills it
+    whatever the rules say; that series fills no other role.
+
+    Returns
+    -------
+    ``(roles, decisions)``: role -> Series Instance UID for every required
+    role some series fills (a missing role is absent), and one
+    :class:`RoleDecision` per candidate, in the order given.
+
+    Raises
+    ------
+    ValueError
+        An override names a role not in ``required_roles``, a series not
+        among ``candidates``, or one series for two roles.
+    """
+    overrides = dict(overrides or {})
+    uids = [c.series_uid for c in candidates]
+    for role, uid in overrides.items():
+        if role not in required_roles:
+            raise ValueError(f"role override {role}: not a required role; expected one of {list(required_roles)}")
+        if uid not in uids:
+            raise ValueError(f"role override {role}={uid}: no such series; the study has {', '.join(uids) or 'none'}")
+    doubled = {uid for uid in overrides.values() if list(overrides.values()).count(uid) > 1}
+    if doubled:
+        raise ValueError(f"role overrides: series {', '.join(sorted(doubled))} given for more than one role")
+    identified = {c.series_uid: c.identified or classify_role(c.header, sequences) for c in candidates}
+    forced = {uid: role for role, uid in overrides.items()}
+    roles = dict(overrides)
+    why: dict[str, str] = {}
+    for role in required_roles:
+        if role in roles:
+            continue
+        found = [c for c in candidates if c.series_uid not in forced and identified[c.series_uid][0] == role]
+        if found:
+            chosen, why[role] = pick_series(found)
+            roles[role] = chosen.series_uid
+    chosen_for = {uid: role for role, uid in roles.items()}
+    decisions = []
+    for c in candidates:
+        found, reason = identified[c.series_uid]
+        role = chosen_for.get(c.series_uid)
+        if c.series_uid in forced:
+            reason = f"{role} set by override (sequence rules: {reason})"
+        elif role is not None:
+            reason = f"{reason}; selected: {why[role]}"
+        elif found in roles:
+            reason = f"{reason}; not selected: {roles[found]} fills {found}"
+        elif found is not None:
+            reason = f"{reason}; {found} is not a required role"
+        decisions.append(RoleDecision(c.series_uid, _show(c.header, "SeriesDescription"), found, role, reason))
+    return {role: roles[role] for role in required_roles if role in roles}, decisions
 
 
 class Router:
@@ -195,10 +309,11 @@ class Router:
                 log.info("study_assembly_open", route=rule.name)
         return role is not None
 
-    def candidates(self, study_uid: str, rule: RouteRule) -> tuple[dict[str, list[tuple[Series, Dataset]]], list[Series]]:
-        """Complete series of the study per required role, and the series of
-        the study still receiving (which may fill a role yet)."""
-        by_role: dict[str, list[tuple[Series, Dataset]]] = {role: [] for role in rule.required_roles}
+    def candidates(self, study_uid: str, rule: RouteRule) -> tuple[dict[str, list[SeriesCandidate]], list[Series]]:
+        """Complete series of the study per required role (as identified when
+        each arrived), and the series of the study still receiving (which may
+        fill a role yet)."""
+        by_role: dict[str, list[SeriesCandidate]] = {role: [] for role in rule.required_roles}
         receiving = []
         for series in self.index.study_series(study_uid):
             if series.state == "receiving":
@@ -206,19 +321,30 @@ class Router:
             elif series.role in by_role and series.state not in ("purged", "unmatched", "unused", "complete"):
                 paths = self.index.instance_paths(series.series_uid)
                 if paths:
-                    by_role[series.role].append((series, read_header(paths[0])))
+                    by_role[series.role].append(
+                        SeriesCandidate(
+                            series.series_uid, read_header(paths[0]), series.instance_count,
+                            series.first_received_at, (series.role, series.role_reason or ""),
+                        )
+                    )
         return by_role, receiving
 
     def queue_study(self, study_uid: str, route: str) -> int:
-        """Pick one series per role and queue the study-level job."""
+        """Pick one series per role (:func:`assign_roles`) and queue the
+        study-level job; a role no series fills any more (purged while the
+        node was down) fails the study instead."""
         rule = self.study_routes[route]
         by_role, _ = self.candidates(study_uid, rule)
         log = self.log.bind(study_uid=study_uid, route=route)
-        roles = {}
-        for role, found in by_role.items():
-            chosen, why = pick_series(found)
-            roles[role] = chosen.series_uid
-            log.info("sequence_selected", role=role, series_uid=chosen.series_uid, reason=why)
+        roles, decisions = assign_roles(
+            [c for found in by_role.values() for c in found], rule.required_roles, self.sequences
+        )
+        missing = [role for role in rule.required_roles if role not in roles]
+        if missing:
+            return self.fail_study(study_uid, route, f"no complete series fills {', '.join(missing)}")
+        for d in decisions:
+            if d.role is not None:
+                log.info("sequence_selected", role=d.role, series_uid=d.series_uid, reason=d.reason)
         job_id = self.index.create_job(
             pipeline=rule.pipeline,
             route=route,
