@@ -5,7 +5,10 @@ thread, so one unreachable PACS never holds back another (the Orthanc Lua
 routing pitfall). A failed attempt is retried with exponential backoff
 (``[retry]``, or the destination's own ``retry``); every attempt's outcome is
 a row of ``delivery_attempts``. When the attempts are used up the delivery is
-``failed`` with its last error: never silently dropped.
+``failed`` with its last error: never silently dropped. A permanent failure
+(:mod:`node.outcome`: e.g. C-STORE 0xA900 or 0x0122, A-ASSOCIATE-RJ
+rejected-permanent, HTTP 400) fails the delivery at its first attempt;
+``ainode deliveries resend`` queues it again once the cause is fixed.
 
 Two kinds of destination:
 
@@ -33,6 +36,8 @@ from pynetdicom import AE
 
 from node.config import DicomDestination, DicomWebDestination, NodeConfig, RetryPolicy
 from node.index import DeliveryView, Index, utcnow
+from node.outcome import AssociationWatch, OutcomeClass, classify_dimse, classify_http, dimse_status_text
+from node.tls import tls_args
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,15 @@ class Outcome:
     ok: bool
     status: str | None = None  # "0x0000" (DIMSE) or "200" (HTTP)
     error: str | None = None
+    permanent: bool = False  # no retry can succeed: the delivery fails at once
+
+    @classmethod
+    def of(cls, outcome: OutcomeClass, status: str | None, error: str | None) -> Outcome:
+        """An outcome classified by :mod:`node.outcome`; a permanent error says so."""
+        if outcome == OutcomeClass.SUCCESS:
+            return cls(True, status)
+        permanent = outcome == OutcomeClass.PERMANENT
+        return cls(False, status, f"{error} [permanent: not retried]" if permanent else error, permanent)
 
 
 class DicomSender:
@@ -50,11 +64,14 @@ class DicomSender:
     def __init__(self, dest: DicomDestination, calling_ae: str):
         self.dest = dest
         self.calling_ae = calling_ae
+        # DICOM TLS (PS3.15 B.9) when the destination has a tls table; built once.
+        self.tls_args = tls_args(dest.tls, dest.host)
 
     def send(self, paths: Sequence[Path]) -> list[Outcome]:
         datasets = [pydicom.dcmread(p) for p in paths]
         ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout_seconds
+        # connection_timeout bounds the TCP connect and the TLS handshake too.
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout_seconds
         contexts = {}
         for ds in datasets:
             ts = ds.file_meta.TransferSyntaxUID
@@ -65,27 +82,38 @@ class DicomSender:
                     contexts[ds.SOPClassUID].append(s)
         for sop_class, syntaxes in contexts.items():
             ae.add_requested_context(sop_class, syntaxes)
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
-        if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        watch = AssociationWatch(self.dest.host, self.dest.port, self.dest.timeout_seconds, self.tls_args)
+        assoc = ae.associate(
+            self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=self.tls_args,
+            evt_handlers=watch.handlers,
+        )
+        failure = watch.explain(assoc)
+        if failure is not None:
+            why = failure.reason
+            if self.tls_args and watch.probe_tcp_ok:
+                why += " (DICOM TLS: pynetdicom's log has the handshake error)"
             err = f"association to {self.dest.ae_title}@{self.dest.host}:{self.dest.port} failed: {why}"
-            return [Outcome(False, None, err) for _ in paths]
+            return [Outcome.of(failure.outcome, None, err) for _ in paths]
         outcomes = []
         try:
             for ds in datasets:
                 try:
                     status = assoc.send_c_store(ds)
-                except (RuntimeError, ValueError) as exc:  # no accepted presentation context, etc.
+                except (AttributeError, ValueError) as exc:
+                    # No accepted presentation context for this SOP class and transfer
+                    # syntax, or a data set that cannot be encoded: a retry sends the same.
+                    outcomes.append(Outcome.of(OutcomeClass.PERMANENT, None, f"C-STORE not sent: {exc}"))
+                    continue
+                except RuntimeError as exc:  # the association ended (peer abort) mid-batch
                     outcomes.append(Outcome(False, None, f"C-STORE not sent: {exc}"))
                     continue
                 if not status or "Status" not in status:
                     outcomes.append(Outcome(False, None, "no C-STORE response (connection lost or timed out)"))
                     continue
                 code = int(status.Status)
-                # 0x0000 success; 0xB000/0xB006/0xB007 warnings: stored all the same (PS3.4 B.2.3).
-                ok = code == 0x0000 or (code & 0xF000) == 0xB000
                 text = status.get("ErrorComment") or None
-                outcomes.append(Outcome(ok, f"0x{code:04X}", None if ok else f"C-STORE status 0x{code:04X} {text or ''}".strip()))
+                error = f"C-STORE status {dimse_status_text(code)} {text or ''}".strip()
+                outcomes.append(Outcome.of(classify_dimse(code), f"0x{code:04X}", error))
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -102,19 +130,29 @@ class StowSender:
         session = requests.Session()
         session.verify = dest.verify_tls
         if dest.auth is not None and dest.auth.type == "basic":
-            session.auth = (dest.auth.username, dest.auth.password)
-        headers = {"Authorization": f"Bearer {dest.auth.token}"} if dest.auth is not None and dest.auth.type == "bearer" else None
+            session.auth = (dest.auth.username, dest.auth.password.get_secret_value())
+        headers = None
+        if dest.auth is not None and dest.auth.type == "bearer":
+            headers = {"Authorization": f"Bearer {dest.auth.token.get_secret_value()}"}
         self.client = DICOMwebClient(dest.url, session=session, headers=headers, timeout=dest.timeout_seconds)
+        # Dispatch owns retries (backoff, attempts recorded): dicomweb-client's own
+        # would silently repeat a 503 five times within one attempt.
+        self.client.set_http_retry_params(retry=False)
 
     def send(self, paths: Sequence[Path]) -> list[Outcome]:
         datasets = [pydicom.dcmread(p) for p in paths]
         try:
             response = self.client.store_instances(datasets)
         except requests.HTTPError as exc:
-            code = exc.response.status_code if exc.response is not None else None
-            return [Outcome(False, str(code), f"STOW-RS HTTP {code}: {exc}") for _ in paths]
+            if exc.response is None:
+                return [Outcome(False, None, f"STOW-RS HTTP error: {exc}") for _ in paths]
+            code = exc.response.status_code
+            body = _stow_response_body(exc.response) if code == 409 else None
+            if body is None:  # 409 Conflict lists why each instance failed (PS3.18 10.5.3)
+                return [Outcome.of(classify_http(code), str(code), f"STOW-RS HTTP {code}: {exc}") for _ in paths]
+            response = body
         except requests.RequestException as exc:
-            return [Outcome(False, None, f"STOW-RS request failed: {exc}") for _ in paths]
+            return [Outcome(False, None, f"STOW-RS request failed: {_request_error_text(exc)}") for _ in paths]
         failed = {}
         for item in (response or pydicom.Dataset()).get("FailedSOPSequence", []):
             failed[item.ReferencedSOPInstanceUID] = int(item.get("FailureReason", 0x0110))
@@ -123,13 +161,38 @@ class StowSender:
         for ds in datasets:
             uid = ds.SOPInstanceUID
             if uid in failed:
-                outcomes.append(Outcome(False, f"0x{failed[uid]:04X}", f"STOW-RS failure reason 0x{failed[uid]:04X}"))
-            elif uid in stored or response is None:
+                code = failed[uid]
+                error = f"STOW-RS failure reason {dimse_status_text(code)}"
+                outcomes.append(Outcome.of(classify_dimse(code), f"0x{code:04X}", error))
+            elif uid in stored or not response:
                 # A 200 without a body means all stored (some servers omit it).
                 outcomes.append(Outcome(True, "200"))
             else:
                 outcomes.append(Outcome(False, "200", "STOW-RS response lists neither success nor failure"))
         return outcomes
+
+
+def _stow_response_body(response: requests.Response) -> pydicom.Dataset | None:
+    """The DICOM JSON Store Instances Response Module of an error response, or None."""
+    if response.headers.get("Content-Type", "").split(";")[0].strip() not in ("application/dicom+json", "application/json"):
+        return None
+    try:
+        return pydicom.Dataset.from_json(response.json())
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _request_error_text(exc: requests.RequestException) -> str:
+    """``connection refused: ...`` / ``timed out: ...`` where that is the cause, else requests' message."""
+    causes, e = [], exc
+    while e is not None and len(causes) < 8:  # requests -> urllib3 MaxRetryError -> reason -> socket error
+        causes.append(e)
+        e = getattr(e, "reason", None) or e.__cause__ or (e.args[0] if e.args and isinstance(e.args[0], BaseException) else None)
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"connection refused: {exc}"
+    if isinstance(exc, requests.Timeout) or any(isinstance(c, TimeoutError) for c in causes):
+        return f"timed out: {exc}"
+    return str(exc)
 
 
 def make_sender(config: NodeConfig, name: str):
@@ -218,7 +281,7 @@ class Dispatcher:
         policy: RetryPolicy = self.config.retry_for(name)
         attempt = d.attempts + 1
         next_at = None
-        if not outcome.ok and not final and attempt < policy.max_attempts:
+        if not outcome.ok and not final and not outcome.permanent and attempt < policy.max_attempts:
             delay = policy.delay(attempt) * (1 + self._rng.uniform(-policy.jitter, policy.jitter))
             next_at = utcnow() + dt.timedelta(seconds=delay)
         state = self.index.record_attempt(
@@ -228,7 +291,7 @@ class Dispatcher:
         if outcome.ok:
             log.info("delivered", attempt=attempt, status=outcome.status)
         elif state == "failed":
-            log.error("delivery_failed", attempt=attempt, error=outcome.error)
+            log.error("delivery_failed", attempt=attempt, error=outcome.error, permanent=outcome.permanent)
         else:
             log.warning("delivery_retry", attempt=attempt, error=outcome.error, next_attempt_at=str(next_at))
         if self.metrics:
