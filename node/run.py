@@ -33,9 +33,9 @@ import structlog
 from node.config import NodeConfig
 from node.index import Index, JobState, JobView
 from node.spool import Spool
-from pipelines import pipeline_class
 from pipelines.base import PipelineContext, PipelineInputError, PipelineNotApplicable, Study
 from pipelines.common.seg_frames import omit_empty_frames
+from pipelines.registry import registry as pipeline_registry
 
 
 def resolve_device(setting: str) -> str:
@@ -60,7 +60,7 @@ class PipelineCache:
             if name not in self._instances:
                 from models.registry import ModelRegistry
 
-                cls = pipeline_class(name)
+                cls = pipeline_registry().spec(name).load_class()
                 registry = ModelRegistry(self.config.models.card_dirs)
                 settings = getattr(self.config.pipelines, name)
                 self._instances[name] = cls(settings, registry, device=resolve_device(self.config.worker.device))

@@ -1,26 +1,9 @@
 """Clinical pipelines, one package per task.
 
-``PIPELINES`` maps a routing name to ``module:Class``; the class is imported
-only when a job first needs it, so the node starts without loading torch.
+Each package registers itself with a ``spec.py`` holding
+``SPEC = PipelineSpec(...)`` (:mod:`pipelines.spec`); :mod:`pipelines.registry`
+finds them, and plug-ins of the entry-point group ``ainode.pipelines``. A
+pipeline's class is imported only when a job first needs it
+(:meth:`pipelines.spec.PipelineSpec.load_class`), so the node starts without
+loading torch.
 """
-
-from __future__ import annotations
-
-import importlib
-
-PIPELINES: dict[str, str] = {
-    "pneumonia": "pipelines.pneumonia.pipeline:PneumoniaPipeline",
-    "brain_tumour": "pipelines.brain_tumour.pipeline:BrainTumourPipeline",
-}
-
-
-def pipeline_class(name: str) -> type:
-    """Import and return the pipeline class registered as ``name``.
-
-    Raises
-    ------
-    KeyError
-        ``name`` is not registered.
-    """
-    module, _, attr = PIPELINES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)

@@ -125,9 +125,6 @@ class Pipeline(Protocol):
     #: Registry name, e.g. ``"pneumonia"``; routing rules refer to it.
     name: str
     #: ``"series"``: one job per complete series; ``"study"``: per study.
-    #: A study-level pipeline also names the sequence roles it reads, as a
-    #: class attribute ``required_roles`` (e.g. ``("T1", "T1c", "T2", "FLAIR")``),
-    #: which ``ainode run`` uses where no route for it gives ``required_roles``.
     level: str
 
     @property

@@ -28,7 +28,7 @@ from pydicom import Dataset
 from models.registry import ModelRegistry
 from pipelines.base import PipelineContext, PipelineNotApplicable, Study
 from pipelines.brain_tumour.model import BrainTumourModel
-from pipelines.brain_tumour.preprocess import preprocess_study, to_reference
+from pipelines.brain_tumour.preprocess import DeepbetExtractor, preprocess_study, to_reference
 from pipelines.brain_tumour.settings import ROLES, BrainTumourSettings
 from pipelines.brain_tumour.volume import series_to_image
 from pipelines.brain_tumour.write import PIPELINE, measure_volumes, write_seg, write_sr
@@ -41,15 +41,13 @@ class _LazyBrainExtractor:
 
     def __init__(self, device: str):
         self.device = device
-        self._extractor = None
+        self._extractor: DeepbetExtractor | None = None
         self._lock = threading.Lock()
         self.name = "deepbet"
 
     def __call__(self, image):
         with self._lock:
             if self._extractor is None:
-                from pipelines.brain_tumour.preprocess import DeepbetExtractor
-
                 self._extractor = DeepbetExtractor(self.device)
         return self._extractor(image)
 
@@ -75,8 +73,6 @@ class BrainTumourPipeline:
 
     name = PIPELINE
     level = "study"
-    #: The sequence roles it reads, where no route says (``ainode run``).
-    required_roles = ROLES
 
     def __init__(self, settings: BrainTumourSettings, registry: ModelRegistry, device: str = "cpu"):
         self.settings = settings

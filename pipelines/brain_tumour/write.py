@@ -112,7 +112,7 @@ __all__ = [
     "write_sr",
 ]
 
-#: Routing name of the pipeline (``pipelines.PIPELINES``); part of every UID.
+#: Routing name of the pipeline (its ``spec.py``); part of every UID.
 PIPELINE = "brain_tumour"
 
 #: Series numbers of the derived series; high, so viewers list them after
@@ -530,7 +530,9 @@ def write_sr(
     reference_series = str(reference[0].SeriesInstanceUID)
     segment_items = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
 
-    groups: list[hd.sr.templates.Template] = []  # TID 1411 and TID 1501 groups
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []  # TID 1411 and TID 1501 groups
     for segment in SEGMENTS:
         item = segment_items[segment.number]
         groups.append(
@@ -723,7 +725,7 @@ def _check_seg(seg: Dataset, reference: Sequence[Dataset], stack: SliceStack) ->
             raise ValueError(f"seg references image {item.ReferencedSOPInstanceUID}, which is not in the reference")
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     spacing = tuple(float(v) for v in measures.PixelSpacing)
-    if max(abs(a - b) for a, b in zip(spacing, stack.pixel_spacing)) > 1e-6:
+    if max(abs(a - b) for a, b in zip(spacing, stack.pixel_spacing, strict=True)) > 1e-6:
         raise ValueError(f"PixelSpacing of seg is {spacing}; the reference's is {stack.pixel_spacing}")
     described = {int(item.SegmentNumber): item for item in seg.get("SegmentSequence") or []}
     for segment in SEGMENTS:

@@ -92,7 +92,7 @@ __all__ = [
     "write_sr",
 ]
 
-#: Routing name of the pipeline (``pipelines.PIPELINES``); part of every UID.
+#: Routing name of the pipeline (its ``spec.py``); part of every UID.
 PIPELINE = "pneumonia"
 
 #: Segment Label (0062,0005) of the attention segment.
