@@ -13,6 +13,9 @@ order, voxel spacing, axis layout, normalisation) and :class:`SegmentationSpec`
 (``segmentation``: output channels, activation, threshold, sliding window, the
 priority-ordered map from channels to labels and the label regions), which
 express the MONAI ``brats_mri_segmentation`` bundle's ``inference.json``.
+Generic MONAI bundles (task ``bundle_segmentation``) run their own
+``inference.json`` and need only :class:`BundleOutputSpec` (``bundle_output``:
+the modalities they read and the name of each label value).
 
 The fields follow the "Model Cards for Model Reporting" structure (Mitchell et
 al., FAT* 2019, arXiv:1810.03993) and the metadata of MONAI bundles
@@ -281,6 +284,32 @@ class SegmentationSpec(_Strict):
         return {r.label: r.name for r in self.label_rules}
 
 
+class BundleOutputSpec(_Strict):
+    """What a generic MONAI bundle reads and what its label map holds, from its
+    ``configs/metadata.json`` (``network_data_format``).
+
+    Attributes
+    ----------
+    modalities:
+        DICOM Modality (0008,0060) values of the series it reads
+        (``inputs.image.modality``), e.g. ``["CT"]``.
+    labels:
+        Label value (1..255) -> name, from ``outputs.pred.channel_def``
+        without the background (value 0); e.g. ``{1: "spleen"}``.
+    """
+
+    modalities: list[str] = Field(min_length=1)
+    labels: dict[int, str] = Field(min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[int, str]) -> dict[int, str]:
+        for value, name in v.items():
+            if not 1 <= value <= 255 or not name.strip():
+                raise ValueError(f"expected label values 1..255 with non-empty names, got {value}: {name!r}")
+        return v
+
+
 class OperatingPoint(_Strict):
     """Decision threshold for :attr:`OutputSpec.target`.
 
@@ -392,7 +421,9 @@ class Metric(_Strict):
     def _ci_brackets_value(self) -> Metric:
         if (self.ci95_low is None) != (self.ci95_high is None):
             raise ValueError("metrics: ci95_low and ci95_high must both be given or both be empty")
-        if self.ci95_low is not None and not (self.ci95_low <= self.value <= self.ci95_high):
+        if self.ci95_low is not None and self.ci95_high is not None and not (
+            self.ci95_low <= self.value <= self.ci95_high
+        ):
             raise ValueError(
                 f"metrics[{self.name!r}]: expected ci95_low <= value <= ci95_high, got "
                 f"{self.ci95_low} <= {self.value} <= {self.ci95_high}"
@@ -415,13 +446,14 @@ class ModelCard(_Strict):
     card_format: Literal[1] = 1
     name: str = Field(pattern=_NAME_PATTERN)
     version: str = Field(min_length=1)
-    task: Literal["classification", "segmentation"]
+    task: Literal["classification", "segmentation", "bundle_segmentation"]
     description: str = Field(min_length=1)
     architecture: Architecture
     input: InputSpec | None = None
     output: OutputSpec | None = None
     volume_input: VolumeInputSpec | None = None
     segmentation: SegmentationSpec | None = None
+    bundle_output: BundleOutputSpec | None = None
     operating_point: OperatingPoint | None = None
     weights: Weights
     licence: Licence
@@ -435,7 +467,11 @@ class ModelCard(_Strict):
     @model_validator(mode="after")
     def _task_fields(self) -> ModelCard:
         # Each task has its own input/output description; a card must not mix them.
-        need = {"classification": ("input", "output"), "segmentation": ("volume_input", "segmentation")}
+        need = {
+            "classification": ("input", "output"),
+            "segmentation": ("volume_input", "segmentation"),
+            "bundle_segmentation": ("bundle_output",),
+        }
         for task, fields in need.items():
             for f in fields:
                 present = getattr(self, f) is not None
@@ -443,7 +479,11 @@ class ModelCard(_Strict):
                     raise ValueError(f"{f}: required for task {self.task!r}")
                 if task != self.task and present:
                     raise ValueError(f"{f}: only allowed for task {task!r}, this card's task is {self.task!r}")
-        if self.segmentation is not None:
+        if self.task == "bundle_segmentation" and self.weights.format != "monai_bundle":
+            raise ValueError(f"weights.format: task 'bundle_segmentation' needs 'monai_bundle', got "
+                             f"{self.weights.format!r}")
+        # Both are set together: _task_fields requires them for task "segmentation".
+        if self.segmentation is not None and self.volume_input is not None:
             if self.architecture.params.get("out_channels", len(self.segmentation.channels)) != len(
                 self.segmentation.channels
             ):

@@ -98,6 +98,12 @@ class ModelRegistry:
     architectures:
         Architecture name -> :class:`ArchitectureSpec`; :data:`ARCHITECTURES`
         by default.
+    cards:
+        Cards held in memory rather than in a directory, each with the path
+        it stands for (relative weight paths resolve against its folder):
+        a MONAI bundle configured by path gets its card this way
+        (:func:`models.bundle_import.bundle_registry`). Verified and loaded
+        like the others.
 
     Raises
     ------
@@ -113,10 +119,12 @@ class ModelRegistry:
         *,
         include_shipped: bool = True,
         architectures: Mapping[str, ArchitectureSpec] = ARCHITECTURES,
+        cards: Sequence[tuple[ModelCard, Path]] = (),
     ) -> None:
         dirs = ([SHIPPED_CARDS] if include_shipped else []) + [Path(d) for d in card_dirs]
         self._architectures = MappingProxyType(dict(architectures))
-        cards: dict[str, tuple[ModelCard, Path]] = {}
+        extra = list(cards)
+        found: dict[str, tuple[ModelCard, Path]] = {}
         for d in dirs:
             if not d.is_dir():
                 if d == SHIPPED_CARDS:
@@ -124,12 +132,16 @@ class ModelRegistry:
                 raise ValueError(f"card_dirs: {d} is not a directory")
             for path in sorted(d.glob("*.json")):
                 card = ModelCard.from_file(path)
-                if card.name in cards:
+                if card.name in found:
                     raise ValueError(
-                        f"model card name {card.name!r} is defined twice: {cards[card.name][1]} and {path}"
+                        f"model card name {card.name!r} is defined twice: {found[card.name][1]} and {path}"
                     )
-                cards[card.name] = (card, path.resolve())
-        self._cards = MappingProxyType(cards)
+                found[card.name] = (card, path.resolve())
+        for card, path in extra:
+            if card.name in found:
+                raise ValueError(f"model card name {card.name!r} is defined twice: {found[card.name][1]} and {path}")
+            found[card.name] = (card, Path(path).resolve())
+        self._cards = MappingProxyType(found)
 
     def names(self) -> list[str]:
         """Names of all cards, sorted."""
@@ -301,7 +313,7 @@ def _load_monai_bundle(bundle: Path, weights: Path, card: ModelCard) -> nn.Modul
 
     config = bundle / "configs" / "inference.json"
     target, args = bundle_network_def(bundle)
-    if card.task == "segmentation":
+    if card.task in ("segmentation", "bundle_segmentation"):
         # The pipeline trusts the card's channel counts; they must describe this network_def.
         want = json.loads(json.dumps(card.architecture.params))
         if card.architecture.name != target or want != json.loads(json.dumps(args)):

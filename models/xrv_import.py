@@ -59,7 +59,7 @@ XRV_RSNA_OP_THRESHS: tuple[float, ...] = tuple(
 _PLACEHOLDER_PACKAGES = ("torchxrayvision", "torchvision")
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("copyreg", "_reconstructor"): copyreg._reconstructor,
+    ("copyreg", "_reconstructor"): copyreg._reconstructor,  # type: ignore[attr-defined]  # private, not in typeshed
     ("builtins", "object"): object,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
@@ -80,6 +80,8 @@ class PickledObject:
 
     pickled_module: str = ""
     pickled_name: str = ""
+    pickled_args: tuple[Any, ...]
+    pickled_state: dict[str, Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
         # pickle protocol 2 creates instances with cls.__new__(cls) and never calls __init__
@@ -284,7 +286,7 @@ def import_xrv_weights(
         "dtype": "float32",
     }
     training = dict(data.get("training") or {})
-    training["notes"] = "; ".join(filter(None, [training.get("notes"), f"imported from {src.name}"] + notes))
+    training["notes"] = "; ".join(filter(None, [training.get("notes"), f"imported from {src.name}", *notes]))
     data["training"] = training
     card = ModelCard(**data)
     card_path = out_dir / f"{name}.json"
@@ -294,7 +296,8 @@ def import_xrv_weights(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m models.xrv_import SRC OUT_DIR``: import and print the card path."""
-    parser = argparse.ArgumentParser(prog="python -m models.xrv_import", description=import_xrv_weights.__doc__.split("\n")[0])
+    summary = (import_xrv_weights.__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m models.xrv_import", description=summary)
     parser.add_argument("src", type=Path, help="densenet121-res224-rsna file from torchxrayvision's release v1")
     parser.add_argument("out_dir", type=Path, help="card directory to write to")
     parser.add_argument("--name", default="xrv-densenet121-res224-rsna")

@@ -82,51 +82,47 @@ def serve(config: ConfigOpt = None) -> None:
 @app.command()
 def echo(
     to: Annotated[str | None, typer.Option(help="AE@HOST:PORT; default: this node as configured.")] = None,
-    destinations: Annotated[bool, typer.Option("--destinations", help="Echo every DICOM destination instead.")] = False,
-    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "AINODE_SCU",
+    destinations: Annotated[
+        bool, typer.Option("--destinations", help="Check every destination instead, as its kind does (C-ECHO, QIDO-RS, a test write).")
+    ] = False,
+    calling_ae: Annotated[
+        str | None, typer.Option(help="Our AE title; default AINODE_SCU, or [node] ae_title (as deliveries) with --destinations.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """C-ECHO a peer (Verification, PS3.4 Annex A)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    """C-ECHO a peer (Verification, PS3.4 Annex A), or check each destination.
 
-    from node.outcome import AssociationWatch, OutcomeClass, classify_dimse, dimse_status_text
-    from node.tls import tls_args
+    Exit status 1 if any check failed, else 0.
+    """
+    from node.destinations import DestinationContext
+    from node.destinations import registry as destination_registry
+    from node.destinations.dicom import c_echo
 
     cfg = _config(config)
+    checks = []  # (label, target, check returning a node.outcome.Outcome)
     if destinations:
-        # DICOM TLS destinations are echoed over TLS, with their own tls table.
-        peers = [
-            (name, d.ae_title, d.host, d.port, d.tls) for name, d in cfg.destinations.items() if d.kind == "dicom"
-        ]
-    elif to:
-        peers = [(to, *parse_peer(to), None)]
+        for name, d in cfg.destinations.items():
+            # Each kind checks itself: DICOM TLS destinations are echoed over TLS, with their own tls table.
+            sender = destination_registry().sender(d, DestinationContext(name, calling_ae or cfg.node.ae_title))
+            checks.append((f"{name} ({d.kind})", sender.target, sender.echo))
+        if not checks:
+            typer.echo("no destinations configured", err=True)
     else:
-        if not cfg.node.plain:
+        if to:
+            label, (ae_title, host, port) = to, parse_peer(to)
+        elif not cfg.node.plain:
             typer.echo("the node listens for DICOM TLS only ([node] plain = false); echo it with --to from a TLS client", err=True)
             raise typer.Exit(2)
-        host = "127.0.0.1" if cfg.node.bind_address in ("0.0.0.0", "::") else cfg.node.bind_address
-        peers = [("node", cfg.node.ae_title, host, cfg.node.port, None)]
-    failed = 0
-    for label, ae_title, host, port, tls in peers:
-        ae = AE(ae_title=calling_ae)
-        ae.add_requested_context(Verification)
-        ae.connection_timeout = ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
-        tls_pair = tls_args(tls, host)
-        watch = AssociationWatch(host, port, 10, tls_pair)
-        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_pair, evt_handlers=watch.handlers)
-        failure = watch.explain(assoc)
-        if failure is None:
-            status = assoc.send_c_echo()
-            assoc.release()
-            code = int(status.Status) if status and "Status" in status else None
-            ok = code is not None and classify_dimse(code) == OutcomeClass.SUCCESS
-            typer.echo(f"{label}: {ae_title}@{host}:{port} C-ECHO status {dimse_status_text(code) if code is not None else 'none'}")
         else:
-            ok = False
-            why = f"association failed: {failure.reason} ({failure.outcome})" + (" (DICOM TLS)" if tls else "")
-            typer.echo(f"{label}: {ae_title}@{host}:{port} {why}", err=True)
-        failed += not ok
+            host = "127.0.0.1" if cfg.node.bind_address in ("0.0.0.0", "::") else cfg.node.bind_address
+            label, ae_title, port = "node", cfg.node.ae_title, cfg.node.port
+        scu = calling_ae or "AINODE_SCU"
+        checks.append((label, f"{ae_title}@{host}:{port}", lambda: c_echo(ae_title, host, port, calling_ae=scu, timeout=10)))
+    failed = 0
+    for label, target, check in checks:
+        outcome = check()
+        typer.echo(f"{label}: {target} {outcome.text}", err=not outcome.ok)
+        failed += not outcome.ok
     raise typer.Exit(1 if failed else 0)
 
 

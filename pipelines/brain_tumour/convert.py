@@ -257,8 +257,8 @@ def to_int16(array: np.ndarray) -> tuple[np.ndarray, float, float]:
         ``array`` holds NaN or infinite values.
     """
     if array.dtype.kind in "iub":
-        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if _INT16.min <= lo and hi <= _INT16.max:
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if _INT16.min <= low and high <= _INT16.max:
             return array.astype(np.int16), 1.0, 0.0
     else:
         if not np.all(np.isfinite(array)):

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Spacing, SpatialResample
 
-from models.card import ArrayAxes, ModelCard, SegmentationSpec
+from models.card import ArrayAxes, ModelCard, SegmentationSpec, VolumeInputSpec
 from models.registry import ModelRegistry
 
 __all__ = [
@@ -134,7 +135,7 @@ def label_map(probabilities: np.ndarray | torch.Tensor, spec: SegmentationSpec) 
     return labels
 
 
-def region_masks(labels: np.ndarray, regions: dict[str, Sequence[int]]) -> dict[str, np.ndarray]:
+def region_masks(labels: np.ndarray, regions: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
     """Channel name -> bool mask of ``labels`` in that channel's region
     (MONAI ``ConvertToMultiChannelBasedOnBratsClasses`` for the BraTS regions)."""
     return {name: np.isin(labels, list(members)) for name, members in regions.items()}
@@ -169,9 +170,10 @@ def resample_volume(
     images and probabilities, ``"nearest"`` for label maps. Returns a plain
     tensor of the input's dtype class (labels come back as they went in)."""
     affine = torch.diag(torch.tensor([*map(float, src_spacing), 1.0], dtype=torch.float64))
-    out = Spacing(pixdim=tuple(float(s) for s in dst_spacing), mode=mode, dtype=torch.float32)(
-        MetaTensor(x.float(), affine=affine)
-    )
+    # MONAI annotates dtype as a numpy DtypeLike and the result as a Tensor: it
+    # takes torch dtypes, and returns a MetaTensor for a MetaTensor.
+    spacing = Spacing(pixdim=tuple(float(s) for s in dst_spacing), mode=mode, dtype=torch.float32)  # type: ignore[arg-type]
+    out = cast(MetaTensor, spacing(MetaTensor(x.float(), affine=affine)))
     return out.as_tensor().to(x.dtype) if not x.is_floating_point() else out.as_tensor()
 
 
@@ -181,8 +183,10 @@ def _resample_back(x: torch.Tensor, spacing: Sequence[float], dst_spacing: Seque
     ``dst_shape`` sharing voxel 0's centre (MONAI ``SpatialResample``, trilinear)."""
     src = torch.diag(torch.tensor([*map(float, spacing), 1.0], dtype=torch.float64))
     dst = torch.diag(torch.tensor([*map(float, dst_spacing), 1.0], dtype=torch.float64))
-    out = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-        MetaTensor(x.float(), affine=src), dst_affine=dst, spatial_size=tuple(int(s) for s in dst_shape)
+    resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)  # type: ignore[arg-type]
+    out = cast(
+        MetaTensor,
+        resample(MetaTensor(x.float(), affine=src), dst_affine=dst, spatial_size=tuple(int(s) for s in dst_shape)),
     )
     return out.as_tensor()
 
@@ -222,6 +226,9 @@ class BrainTumourModel:
         if card.task != "segmentation" or card.volume_input is None or card.segmentation is None:
             raise ValueError(f"model {name!r}: task is {card.task!r}, expected 'segmentation'")
         self.card: ModelCard = card
+        # The card's two specs, checked above (not None): what the methods read.
+        self._vin: VolumeInputSpec = card.volume_input
+        self._seg: SegmentationSpec = card.segmentation
         self.device = dev
         self.network = registry.load(name, dev)
         blocks_down = getattr(self.network, "blocks_down", None)
@@ -243,23 +250,23 @@ class BrainTumourModel:
     @property
     def channels(self) -> tuple[str, ...]:
         """Sequence roles in input channel order, e.g. ``("T1c", "T1", "T2", "FLAIR")``."""
-        return tuple(self.card.volume_input.channels)
+        return tuple(self._vin.channels)
 
     @property
     def input_spacing_mm(self) -> tuple[float, float, float]:
         """The card's voxel size as ``(D, H, W)`` mm of the node's array: a
         volume already on this grid is not resampled by :meth:`predict`."""
-        s = self.card.volume_input.spacing_mm
-        return _spacing_to_network(s, self.card.volume_input.array_axes)  # the permutation is its own inverse
+        s = self._vin.spacing_mm
+        return _spacing_to_network(s, self._vin.array_axes)  # the permutation is its own inverse
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
         """The card's sliding-window roi, in the network's axis order (as the card and settings give it)."""
-        return tuple(self.card.segmentation.sliding_window.roi_size)
+        return self._seg.sliding_window.roi_size  # a tuple (pydantic)
 
     @property
     def overlap(self) -> float:
-        return self.card.segmentation.sliding_window.overlap
+        return self._seg.sliding_window.overlap
 
     # ------------------------------------------------------------------ inference
 
@@ -301,7 +308,7 @@ class BrainTumourModel:
             ``x`` has the wrong shape, channel count or non-finite values;
             ``spacing_mm``, ``roi`` or ``overlap`` is invalid.
         """
-        vin, seg = self.card.volume_input, self.card.segmentation
+        vin, seg = self._vin, self._seg
         x = self._check_input(x)
         sw = seg.sliding_window
         roi_size = tuple(int(r) for r in (sw.roi_size if roi is None else roi))
@@ -312,9 +319,10 @@ class BrainTumourModel:
         if spacing_mm is None:
             spacing_dhw = self.input_spacing_mm
         else:
-            spacing_dhw = tuple(float(s) for s in spacing_mm)
-            if len(spacing_dhw) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_dhw):
+            given = tuple(float(s) for s in spacing_mm)
+            if len(given) != 3 or not all(np.isfinite(s) and s > 0 for s in given):
                 raise ValueError(f"spacing_mm: expected three positive voxel sizes (D, H, W) in mm, got {spacing_mm!r}")
+            spacing_dhw = (given[0], given[1], given[2])
 
         timings: dict[str, float] = {}
         with self._lock, torch.inference_mode():
@@ -347,12 +355,12 @@ class BrainTumourModel:
             channels=tuple(seg.channels),
             label_names=seg.labels,
             regions={k: tuple(v) for k, v in seg.regions.items()},
-            spacing_mm=spacing_dhw,  # type: ignore[arg-type]
+            spacing_mm=spacing_dhw,
             timings=timings,
         )
 
     def _sliding_window(self, t: torch.Tensor, roi_size: tuple[int, ...], overlap: float) -> torch.Tensor:
-        sw = self.card.segmentation.sliding_window
+        sw = self._seg.sliding_window
         inputs = t.unsqueeze(0).to(self.device)
         if self.device.type == "cuda":
             with torch.autocast(device_type="cuda", dtype=torch.float16):
@@ -367,7 +375,7 @@ class BrainTumourModel:
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise ValueError(f"x: expected a numpy array (C, D, H, W), got {type(x).__name__}")
-        n = len(self.card.volume_input.channels)
+        n = len(self._vin.channels)
         if x.ndim != 4 or x.shape[0] != n or min(x.shape[1:]) < 1:
             raise ValueError(f"x: expected ({n}, D, H, W) for channels {self.channels}, got shape {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):

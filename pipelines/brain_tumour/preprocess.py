@@ -175,7 +175,7 @@ class Registration:
     def rotation_degrees(self) -> tuple[float, float, float]:
         """Euler angles (x, y, z) of :attr:`transform` in degrees."""
         t = self.transform
-        return tuple(math.degrees(a) for a in (t.GetAngleX(), t.GetAngleY(), t.GetAngleZ()))
+        return (math.degrees(t.GetAngleX()), math.degrees(t.GetAngleY()), math.degrees(t.GetAngleZ()))
 
     @property
     def translation_mm(self) -> tuple[float, float, float]:
@@ -612,7 +612,9 @@ def normalize_nonzero(array: np.ndarray) -> np.ndarray:
     -------
     ``(C, ...)`` float32 numpy array.
     """
-    out = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=torch.float32)(torch.from_numpy(array))
+    # MONAI annotates dtype as a numpy DtypeLike; it takes (and documents) torch dtypes too.
+    normalise = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=torch.float32)  # type: ignore[arg-type]
+    out = normalise(torch.from_numpy(array))
     return out.as_tensor().numpy() if hasattr(out, "as_tensor") else np.asarray(out)
 
 
@@ -852,12 +854,14 @@ def preprocess_study(
         if n4:
             workers = max(1, n4_workers or min(len(roles), os.cpu_count() or 1))
 
-            def correct(role: str) -> sitk.Image:
-                mask = foreground_mask(images[role], stripped=strip_checks[role].stripped)
-                return n4_correct(images[role], mask, shrink_factor=n4_shrink_factor, iterations=n4_iterations)
+            # The image comes in as an argument: a closure must not read
+            # ``images``, which this function deletes once it is normalised.
+            def correct(role: str, image: sitk.Image) -> sitk.Image:
+                mask = foreground_mask(image, stripped=strip_checks[role].stripped)
+                return n4_correct(image, mask, shrink_factor=n4_shrink_factor, iterations=n4_iterations)
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                corrected = dict(zip(roles, pool.map(correct, roles)))
+                corrected = dict(zip(roles, pool.map(correct, roles, [images[r] for r in roles]), strict=True))
             images.update(corrected)
             del corrected
             steps.note(f"shrink x{n4_shrink_factor}, iterations {tuple(n4_iterations)}, {workers} volume(s) at a time")

@@ -99,6 +99,8 @@ from models.card import (
 )
 from models.registry import ModelRegistry
 from models.segresnet import build_segresnet, spatial_multiple
+from pipelines.brain_tumour.model import BrainTumourModel, region_masks, resample_volume, to_network_layout
+from pipelines.brain_tumour.preprocess import normalize_nonzero
 from pipelines.common.training import (
     TrainResult,
     card_markdown,
@@ -111,8 +113,6 @@ from pipelines.common.training import (
     state_copy,
     write_card,
 )
-from pipelines.brain_tumour.model import BrainTumourModel, region_masks, resample_volume, to_network_layout
-from pipelines.brain_tumour.preprocess import normalize_nonzero
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset
@@ -219,10 +220,10 @@ def _series_geometry(reference: Sequence[Dataset], rows: int, columns: int):
             raise ValueError(f"Rows/Columns of {where} differ from reference[0]'s {rows}x{columns}")
         if index:
             other = _orientation(ds.get("ImageOrientationPatient"), f"ImageOrientationPatient of {where}")
-            if max(abs(a - b) for a, b in zip(other, orientation)) > ORIENTATION_TOLERANCE:
+            if max(abs(a - b) for a, b in zip(other, orientation, strict=True)) > ORIENTATION_TOLERANCE:
                 raise ValueError(f"ImageOrientationPatient of {where} differs from reference[0]'s")
             other_spacing = _spacing(ds.get("PixelSpacing"), f"PixelSpacing of {where}")
-            if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > ORIENTATION_TOLERANCE:
+            if max(abs(a - b) for a, b in zip(other_spacing, spacing, strict=True)) > ORIENTATION_TOLERANCE:
                 raise ValueError(f"PixelSpacing of {where} differs from reference[0]'s")
         positions[index] = _position(ds.get("ImagePositionPatient"), f"ImagePositionPatient of {where}")
     return orientation, spacing, positions, _single_plane_spacing(first)
@@ -255,12 +256,12 @@ def _multiframe_geometry(image: Dataset, frames: int):
             group(index, "PlaneOrientationSequence").get("ImageOrientationPatient"),
             f"PlaneOrientationSequence.ImageOrientationPatient of {where}",
         )
-        if max(abs(a - b) for a, b in zip(other, orientation)) > ORIENTATION_TOLERANCE:
+        if max(abs(a - b) for a, b in zip(other, orientation, strict=True)) > ORIENTATION_TOLERANCE:
             raise ValueError(f"PlaneOrientationSequence.ImageOrientationPatient of {where} differs from frame 1's")
         other_spacing = _spacing(
             group(index, "PixelMeasuresSequence").get("PixelSpacing"), f"PixelMeasuresSequence.PixelSpacing of {where}"
         )
-        if max(abs(a - b) for a, b in zip(other_spacing, spacing)) > ORIENTATION_TOLERANCE:
+        if max(abs(a - b) for a, b in zip(other_spacing, spacing, strict=True)) > ORIENTATION_TOLERANCE:
             raise ValueError(f"PixelMeasuresSequence.PixelSpacing of {where} differs from frame 1's")
         positions[index] = _position(
             group(index, "PlanePositionSequence").get("ImagePositionPatient"),
@@ -276,9 +277,9 @@ def _positive_int(ds: Dataset, keyword: str) -> int:
     return value
 
 
-def _numbers(value: object, count: int, attribute: str) -> list[float]:
+def _numbers(value: Any, count: int, attribute: str) -> list[float]:
     try:
-        numbers = [float(v) for v in value]  # type: ignore[union-attr]
+        numbers = [float(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(f"{attribute} is {value!r}; expected {count} numbers") from None
     if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
@@ -313,7 +314,7 @@ def _single_plane_spacing(ds: Dataset) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         value = ds.get(keyword)
         try:
-            number = float(value)  # type: ignore[arg-type]
+            number = float(value)
         except (TypeError, ValueError):
             continue
         if math.isfinite(number) and number > 0:

@@ -27,15 +27,6 @@ from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import config
-from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import MAX_VALUE_LEN, format_number_as_ds, validate_value
-
 # highdicom's own tables of the standard (PS3.3 IOD -> module -> attribute):
 # the same ones its ``copy_patient_and_study_information`` walks, so we check
 # exactly what it will copy. Private module, pinned by highdicom>=0.28,<0.29.
@@ -44,6 +35,14 @@ from highdicom._standard_utils import (
     get_module_attribute_map,
     get_sop_class_iod_map,
 )
+from pydicom import config
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import MAX_VALUE_LEN, format_number_as_ds, validate_value
 
 # Faults of the source image are input faults (a ValueError subclass).
 from pipelines.base import PipelineInputError
@@ -231,7 +230,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
     for keyword in _REFERENCE_UIDS:
         if keyword == "FrameOfReferenceUID" and keyword not in source:
             continue
-        proxy.add(DataElement(tag_for_keyword(keyword), "UI", _reference_uid(source, keyword)))
+        proxy.add(DataElement(_tag(keyword), "UI", _reference_uid(source, keyword)))
 
     keywords = list(_IMAGE_KEYWORDS) + _module_keywords(iod)
     for keyword in dict.fromkeys(keywords):  # ordered, no duplicates
@@ -254,7 +253,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
 
     for keyword in TYPE2_IN_DERIVED:
         if keyword not in proxy:
-            proxy.add(DataElement(tag_for_keyword(keyword), _dictionary_vr(keyword), None))
+            proxy.add(DataElement(_tag(keyword), _dictionary_vr(keyword), None))
             reason = "Type 2 in the derived object; absent in the source, written empty"
             repairs.append(Repair(keyword, None, "", reason))
     return proxy, repairs
@@ -302,7 +301,7 @@ _SERIES_CONSTANT = (
 )
 # What each image of a series has of its own, besides its SOP Instance UID.
 _PER_IMAGE = ("InstanceNumber", "ImagePositionPatient")
-_SOP_INSTANCE_UID = tag_for_keyword("SOPInstanceUID")
+_SOP_INSTANCE_UID = 0x00080018  # (0008,0018) SOP Instance UID
 
 
 def sanitize_series(images: Sequence[Dataset]) -> tuple[list[Dataset], list[Repair]]:
@@ -360,9 +359,9 @@ def sanitize_series(images: Sequence[Dataset]) -> tuple[list[Dataset], list[Repa
         proxy = Dataset(dict(shared))
         del proxy[_SOP_INSTANCE_UID]
         proxy.add(DataElement(_SOP_INSTANCE_UID, "UI", _reference_uid(image, "SOPInstanceUID")))
-        found: list[Repair] = []
+        found = []
         for keyword in _PER_IMAGE:
-            tag = tag_for_keyword(keyword)
+            tag = _tag(keyword)
             if tag in proxy:
                 del proxy[tag]
             if tag in image:
@@ -399,10 +398,10 @@ def reference_proxy(image: Dataset) -> Dataset:
     for keyword in _REFERENCE_UIDS:
         if keyword == "FrameOfReferenceUID" and keyword not in image:
             continue
-        proxy.add(DataElement(tag_for_keyword(keyword), "UI", _reference_uid(image, keyword)))
+        proxy.add(DataElement(_tag(keyword), "UI", _reference_uid(image, keyword)))
     ignored: list[Repair] = []
     for keyword in ("Modality", "Rows", "Columns", "NumberOfFrames", *_GEOMETRY_SPACINGS):
-        tag = tag_for_keyword(keyword)
+        tag = _tag(keyword)
         if tag in image:
             element = _sanitize_element(_read_element(image, tag), keyword, ignored)
             if element is not None and element.value not in (None, ""):
@@ -495,8 +494,16 @@ def _module_keywords(iod: str) -> list[str]:
     return keywords
 
 
+def _tag(keyword: str) -> int:
+    """The tag of a keyword of the data dictionary (PS3.6); KeyError if none."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword!r} is not a DICOM keyword")
+    return tag
+
+
 def _dictionary_vr(keyword: str) -> str:
-    return dictionary_VR(tag_for_keyword(keyword))
+    return dictionary_VR(_tag(keyword))
 
 
 def _read_element(dataset: Dataset, tag: int) -> DataElement:
@@ -540,11 +547,11 @@ def _sanitize_element(element: DataElement, path: str, repairs: list[Repair]) ->
     values: list[str] = []
     reasons: list[str] = []
     for text in original:
-        fixed, reason = _sanitize_text(vr, keyword, text)
+        fixed_text, reason = _sanitize_text(vr, keyword, text)
         if reason:
             reasons.append(reason)
-        if fixed is not None:
-            values.append(fixed)
+        if fixed_text is not None:
+            values.append(fixed_text)
         elif len(original) > 1:
             # One bad value of several: the rest would shift meaning, drop all.
             values = []
@@ -884,12 +891,12 @@ def _sanitize_geometry(proxy: Dataset, repairs: list[Repair]) -> None:
                 del proxy[keyword]
 
     if "PatientOrientation" in proxy:
-        values = _as_strings(proxy["PatientOrientation"])
-        if values and (len(values) != 2 or not all(_PATIENT_ORIENTATION.fullmatch(v) for v in values)):
+        directions = _as_strings(proxy["PatientOrientation"])
+        if directions and (len(directions) != 2 or not all(_PATIENT_ORIENTATION.fullmatch(v) for v in directions)):
             repairs.append(
                 Repair(
                     "PatientOrientation",
-                    "\\".join(values),
+                    "\\".join(directions),
                     None,
                     "must be two direction codes such as L\\F (PS3.3 C.7.6.1.1.1)",
                 )
@@ -916,7 +923,7 @@ def _orientation_problem(proxy: Dataset) -> str | None:
         row, col = values[:3], values[3:]
         norm_row = math.sqrt(sum(v * v for v in row))
         norm_col = math.sqrt(sum(v * v for v in col))
-        dot = sum(a * b for a, b in zip(row, col))
+        dot = sum(a * b for a, b in zip(row, col, strict=True))
         if abs(norm_row - 1) > 1e-3 or abs(norm_col - 1) > 1e-3 or abs(dot) > 1e-3:
             return "ImageOrientationPatient must hold two orthogonal unit vectors (PS3.3 C.7.6.2.1.1)"
     if "ImagePositionPatient" in proxy:

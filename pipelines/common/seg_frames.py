@@ -24,12 +24,13 @@ dropping whole frames leaves a valid SEG.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.pixels import pack_bits, unpack_bits
 from pydicom.multival import MultiValue
+from pydicom.pixels import pack_bits, unpack_bits
 from pydicom.tag import Tag
 
 __all__ = [
@@ -81,7 +82,7 @@ def segmentation_frames(seg: Dataset) -> np.ndarray:
     n, rows, cols = int(seg.get("NumberOfFrames", 1)), int(seg.Rows), int(seg.Columns)
     count = n * rows * cols
     if seg.SegmentationType == "BINARY":
-        pixels = unpack_bits(seg.PixelData, as_array=True)[:count]
+        pixels = cast(np.ndarray, unpack_bits(seg.PixelData, as_array=True))[:count]  # typed ndarray | bytes
     else:
         pixels = np.frombuffer(seg.PixelData, dtype=np.uint8)[:count]
     if pixels.size != count:
@@ -196,7 +197,8 @@ def segment_voxel_counts(seg: Dataset) -> dict[int, int]:
     counts = {int(item.SegmentNumber): 0 for item in seg.get("SegmentSequence", [])}
     frame_segments = _frame_segment_numbers(seg)
     pixels = segmentation_frames(seg).reshape(len(frame_segments), -1)
-    for frame, (number, set_pixels) in enumerate(zip(frame_segments, np.count_nonzero(pixels, axis=1)), start=1):
+    set_per_frame = np.count_nonzero(pixels, axis=1)
+    for frame, (number, set_pixels) in enumerate(zip(frame_segments, set_per_frame, strict=True), start=1):
         if number not in counts:
             raise ValueError(f"frame {frame} of seg names segment {number}, which SegmentSequence does not describe")
         counts[number] += int(set_pixels)

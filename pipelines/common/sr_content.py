@@ -81,8 +81,10 @@ def image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
         )
         descriptors = hd.sr.ContentSequence()
 
-        def number(name: Code, value: float, unit: Code | CodedConcept) -> None:
-            descriptors.append(hd.sr.NumContentItem(name, value, unit, relationship_type=acq))
+        def number(
+            name: Code, value: float, unit: Code | CodedConcept, into: hd.sr.ContentSequence = descriptors
+        ) -> None:
+            into.append(hd.sr.NumContentItem(name, value, unit, relationship_type=acq))
 
         number(codes.DCM.PixelDataRows, int(image.Rows), pixels)
         number(codes.DCM.PixelDataColumns, int(image.Columns), pixels)
@@ -195,11 +197,11 @@ def device_observation_context(
     )
 
 
-def _library_descriptors(image: Dataset) -> dict[str, tuple[str, str, object]]:
+def _library_descriptors(image: Dataset) -> dict[str, tuple[str, str, str | float]]:
     """TID 1602 descriptors of ``image`` that its values support, by key:
     ``(value type, concept name keyword in codes.DCM, value)``, with plain
     hashable values (comparing highdicom codes is slow)."""
-    found: dict[str, tuple[str, str, object]] = {}
+    found: dict[str, tuple[str, str, str | float]] = {}
     modality = str(image.get("Modality", ""))
     if _modality_code(modality) is not None:
         found["modality"] = ("CODE", "Modality", modality)
@@ -215,13 +217,16 @@ def _library_descriptors(image: Dataset) -> dict[str, tuple[str, str, object]]:
     return found
 
 
-def _descriptor_item(value_type: str, name: str, value: object) -> hd.sr.ContentItem:
+def _descriptor_item(value_type: str, name: str, value: str | float) -> hd.sr.ContentItem:
     acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
     concept = getattr(codes.DCM, name)
     if value_type == "CODE":
-        return hd.sr.CodeContentItem(concept, _modality_code(value), acq)
+        code = _modality_code(str(value))
+        assert code is not None  # _library_descriptors keeps a modality only if it has a code
+        return hd.sr.CodeContentItem(concept, code, acq)
     if value_type == "UIDREF":
-        return hd.sr.UIDRefContentItem(concept, value, acq)
+        return hd.sr.UIDRefContentItem(concept, str(value), acq)
+    assert not isinstance(value, str)  # PIXELS and MM values are numbers
     unit = CodedConcept("{pixels}", "UCUM", "Pixels") if value_type == "PIXELS" else codes.UCUM.Millimeter
     return hd.sr.NumContentItem(concept, value, unit, relationship_type=acq)
 
@@ -263,7 +268,7 @@ def series_image_library(series: Sequence[Sequence[Dataset]]) -> hd.sr.Container
         }
         group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
         group.ContentSequence = hd.sr.ContentSequence([_descriptor_item(*value) for value in shared.values()])
-        for image, own in zip(images, descriptors):
+        for image, own in zip(images, descriptors, strict=True):
             entry = hd.sr.ImageContentItem(
                 name=CodedConcept("260753009", "SCT", "Source"),
                 referenced_sop_class_uid=image.SOPClassUID,

@@ -13,12 +13,16 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.card import ModelCard
 from models.registry import sha256_file
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def run_environment(versions: Mapping[str, str]) -> dict[str, object]:
     import monai
 
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU",
         "software": {
             "python": platform.python_version(),
@@ -96,7 +100,7 @@ def run_environment(versions: Mapping[str, str]) -> dict[str, object]:
     }
 
 
-def config_hyperparameters(config: object, exclude: Iterable[str] = ()) -> dict[str, object]:
+def config_hyperparameters(config: DataclassInstance, exclude: Iterable[str] = ()) -> dict[str, object]:
     """The fields of the dataclass ``config`` as card hyperparameters (paths as
     strings), without the run's identity (data and output folders, command,
     name, version) and ``exclude``."""

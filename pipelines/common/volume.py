@@ -163,6 +163,7 @@ class SeriesVolume:
         n_frames = int(datasets[0].NumberOfFrames)
         out = np.zeros((n_frames, *array.shape[1:]), dtype=array.dtype)
         for k, s in enumerate(self.slices):
+            assert s.frame_number is not None  # every slice is a frame of the one multi-frame instance
             out[s.frame_number - 1] = array[k]
         return out
 
@@ -370,7 +371,7 @@ def _sort_along_normal(
     # In-plane offset from the stack axis: sheared stacks (gantry tilt) do
     # not form a rectilinear grid.
     origin = geoms[0].position
-    for g, d in zip(geoms, distances):
+    for g, d in zip(geoms, distances, strict=True):
         off = (g.position - origin) - (d - distances[0]) * normal
         if np.linalg.norm(off) > max(POSITION_TOLERANCE_MM, 0.05 * float(np.min(g.pixel_spacing))):
             raise PipelineInputError(

@@ -1,0 +1,1 @@
+"""Any single-input MONAI segmentation bundle, run unchanged on one CT or MR series."""
