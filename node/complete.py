@@ -5,7 +5,9 @@ StableAge, mercure's series_complete_trigger and the MONAI Informatics
 Gateway's idle timeout all wait for silence. This sweep completes a series when
 either of these holds (``[completion]``):
 
-- no instance arrived for ``series_idle_seconds``;
+- no instance arrived for ``series_idle_seconds``, or for
+  ``stow_idle_seconds`` where the latest came by STOW-RS (a request's end
+  is no series' end: many clients send one instance a request);
 - ``complete_on_release`` is set and the association that delivered the
   series' latest instance was released (a sender closes its association once a
   series is sent, so there is nothing left to wait for).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+
 import structlog
 
 from node.config import CompletionSection
@@ -60,13 +63,20 @@ class CompletionSweep:
         now = now or utcnow()
         done: list[str] = []
         with self._lock:
-            due = self.index.series_to_complete(now, self.settings.series_idle_seconds, self.settings.complete_on_release)
+            due = self.index.series_to_complete(
+                now, self.settings.series_idle_seconds, self.settings.complete_on_release,
+                stow_idle_seconds=self.settings.stow_idle_seconds,
+            )
             for series_uid in due:
                 info = self.index.series_info(series_uid)
                 if info is None:
                     continue
                 idle = (now - info.last_received_at).total_seconds()
-                why = "association released" if info.released and idle < self.settings.series_idle_seconds else f"idle {idle:.1f} s"
+                stow = info.last_source == "stow-rs"
+                limit = self.settings.stow_idle_seconds if stow else self.settings.series_idle_seconds
+                why = "association released" if info.released and idle < limit else f"idle {idle:.1f} s"
+                if stow:
+                    why += " (STOW-RS)"
                 if self.index.set_series_state(series_uid, "complete", why, expect="receiving"):
                     self.log.info(
                         "series_complete",
@@ -94,7 +104,9 @@ class CompletionSweep:
                 continue
             by_role, receiving = self.router.candidates(study_uid, rule)
             missing = [role for role, found in by_role.items() if not found]
-            idle = (now - self.index.study_info(study_uid).last_received_at).total_seconds()
+            study = self.index.study_info(study_uid)
+            assert study is not None  # an assembly is only made for a study the index holds
+            idle = (now - study.last_received_at).total_seconds()
             if not missing and not receiving and idle >= self.settings.study_idle_seconds:
                 self.index.set_assembly_state(study_uid, route, "complete", f"all of {', '.join(by_role)} complete")
                 self.log.info("study_complete", study_uid=study_uid, route=route, idle_seconds=round(idle, 1))

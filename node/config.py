@@ -18,7 +18,7 @@ import ssl
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -37,9 +37,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.datadict import tag_for_keyword
 
-from node.secrets import read_secret_file, secret_or_file, token_digest
-from node.destinations.base import RetryPolicy
+from node.destinations.base import DestinationConfig, RetryPolicy
 from node.destinations.registry import registry as destination_registry
+from node.secrets import read_secret_file, secret_or_file, token_digest
 from node.tls import TlsVersion
 from pipelines.registry import Registry
 from pipelines.registry import registry as pipeline_registry
@@ -399,7 +399,10 @@ def _default_sequences() -> dict[str, list[dict[str, MatchValue]]]:
 
 #: One ``[destinations.<name>]`` table: the registered kinds' models
 #: (node.destinations), discriminated on ``kind``, built when this module is imported.
-Destination = destination_registry().config_union()
+if TYPE_CHECKING:
+    Destination = DestinationConfig
+else:
+    Destination = destination_registry().config_union()
 
 
 class WorkerSection(_Section):

@@ -3,14 +3,17 @@
 SQLite in WAL mode by default; any SQLAlchemy PostgreSQL URL works too.
 Every state change of a series, study, job or delivery is also written as a
 row of ``transitions`` in the same transaction, so the history of a study can
-be audited (DESIGN.md, "State, and why nothing is lost").
+be audited (docs/architecture.md, "State, and why nothing is lost").
 
 States::
 
-    series:   receiving -> complete -> queued -> running -> done | failed
-                                    \\-> unmatched -> purged
-    job:      queued -> running -> done | failed      (running -> queued on recovery)
+    series:   receiving -> complete -> queued -> running -> done | failed | not_applicable
+                                    \\-> unmatched -> purged          (-> purged by retention)
+    job:      queued -> running -> done | failed | not_applicable
+              (running -> queued on recovery; failed | not_applicable -> queued
+              by an operator's ``ainode jobs retry``)
     delivery: pending -> delivered | failed
+              (delivered | failed -> pending by ``ainode deliveries resend``)
 
 SQLite runs with ``synchronous=NORMAL``: a power cut may lose the last
 committed rows but never corrupts the file, and :meth:`Index.missing_paths`
@@ -20,6 +23,7 @@ lets the node re-index spool files whose rows were lost.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import threading
 from collections.abc import Iterable, Sequence
 import json
@@ -54,19 +58,50 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+class JobState(enum.StrEnum):
+    """States of a job (``jobs.state``); its input series and study assembly
+    mirror them."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    #: The input is faulty, the pipeline raised, or the node died during it
+    #: ``max_job_attempts`` times.
+    FAILED = "failed"
+    #: Valid input this pipeline does not process (a lateral view, a colour
+    #: image, a SEG a broad rule routed): not a failure, no result.
+    NOT_APPLICABLE = "not_applicable"
+
+
 class Base(DeclarativeBase):
     pass
 
 
+class AssociationOutcome(enum.StrEnum):
+    """``associations.outcome``: accepted while open, then released or
+    aborted; rejected (A-ASSOCIATE-RJ) associations are recorded too."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
 class Association(Base):
+    """The audit of every association request, accepted or rejected."""
+
     __tablename__ = "associations"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(64))
     peer_port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool | None] = mapped_column(Boolean)
+    client_cert_subject: Mapped[str | None] = mapped_column(Text)  # RFC 4514
     opened_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
-    outcome: Mapped[str | None] = mapped_column(String(16))  # released | aborted
+    outcome: Mapped[str | None] = mapped_column(String(16))  # AssociationOutcome
+    reason: Mapped[str | None] = mapped_column(Text)  # why it was rejected
     instances: Mapped[int] = mapped_column(Integer, default=0)
 
 
@@ -91,6 +126,8 @@ class Series(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     last_association_id: Mapped[str | None] = mapped_column(String(36), index=True)
     released: Mapped[bool] = mapped_column(Boolean, default=False)
+    # node.ingest.Source of the latest instance: which idle time completes the series.
+    last_source: Mapped[str | None] = mapped_column(String(8))
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     role: Mapped[str | None] = mapped_column(String(16))  # sequence role for study-level rules
@@ -123,6 +160,9 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     peer_address: Mapped[str | None] = mapped_column(String(64))
     association_id: Mapped[str | None] = mapped_column(String(36))
+    # An indexed value was clipped to its VR's maximum length; the file is whole.
+    clipped: Mapped[bool | None] = mapped_column(Boolean, default=False)
+    source: Mapped[str | None] = mapped_column(String(8))  # node.ingest.Source; NULL: C-STORE (older rows)
 
 
 class Job(Base):
@@ -216,34 +256,47 @@ class InstanceRecord:
     calling_ae: str | None = None
     peer_address: str | None = None
     association_id: str | None = None
+    clipped: bool = False
+    source: str | None = None  # node.ingest.Source; None counts as C-STORE
 
     @classmethod
-    def from_header(cls, header, path: Path, size: int, **peer) -> InstanceRecord:
-        """Build a record from a parsed header (:func:`node.spool.read_header`).
-        An Instance Number (0020,0013) that is not an integer is only a sort
-        key, so it is recorded as absent rather than refused."""
-
-        def text(keyword: str, limit: int) -> str | None:
-            return str(header.get(keyword, "") or "")[:limit] or None
-
+    def from_values(
+        cls, values: dict[str, Any], transfer_syntax_uid: str, path: Path, size: int, *, clipped: bool = False, **peer
+    ) -> InstanceRecord:
+        """Build a record from :func:`node.ingest.index_values` (or an
+        :class:`node.ingest.Accepted`'s values). An Instance Number
+        (0020,0013) that is not an integer is only a sort key, so it is
+        recorded as absent rather than refused."""
         try:
-            number = int(header.get("InstanceNumber"))
+            number = int(values.get("InstanceNumber"))
         except (TypeError, ValueError):
             number = None
         return cls(
-            sop_instance_uid=header.SOPInstanceUID,
-            sop_class_uid=header.SOPClassUID,
-            series_uid=header.SeriesInstanceUID,
-            study_uid=header.StudyInstanceUID,
-            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+            sop_instance_uid=str(values["SOPInstanceUID"]),
+            sop_class_uid=str(values["SOPClassUID"]),
+            series_uid=str(values["SeriesInstanceUID"]),
+            study_uid=str(values["StudyInstanceUID"]),
+            transfer_syntax_uid=str(transfer_syntax_uid),
             path=path,
             size=size,
             instance_number=number,
-            modality=text("Modality", 16),
-            series_description=text("SeriesDescription", 64),
-            patient_id=text("PatientID", 64),
-            accession_number=text("AccessionNumber", 16),
+            modality=values.get("Modality"),
+            series_description=values.get("SeriesDescription"),
+            patient_id=values.get("PatientID"),
+            accession_number=values.get("AccessionNumber"),
+            clipped=clipped,
             **peer,
+        )
+
+    @classmethod
+    def from_header(cls, header, path: Path, size: int, **peer) -> InstanceRecord:
+        """Build a record from a parsed header (:func:`node.spool.read_header`),
+        text clipped to its VR's maximum length as :func:`from_values` expects."""
+        from node.ingest import index_values  # node.ingest imports node.spool, not the index
+
+        values, clipped = index_values(header)
+        return cls.from_values(
+            values, header.file_meta.TransferSyntaxUID, path, size, clipped=bool(clipped), **peer
         )
 
 
@@ -300,6 +353,7 @@ class Index:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; serialising here avoids busy waits.
         self._write_lock = threading.RLock() if url.startswith("sqlite") else _NullLock()
@@ -312,9 +366,42 @@ class Index:
 
     # -- associations -----------------------------------------------------------
 
-    def association_opened(self, assoc_id: str, calling_ae: str, address: str, port: int) -> None:
+    def association_opened(
+        self,
+        assoc_id: str,
+        calling_ae: str,
+        address: str,
+        port: int,
+        *,
+        called_ae: str | None = None,
+        tls: bool | None = None,
+        client_cert_subject: str | None = None,
+        outcome: AssociationOutcome = AssociationOutcome.ACCEPTED,
+        reason: str | None = None,
+    ) -> None:
+        """Record an association request and its outcome: accepted, or
+        rejected (then it is closed at once, with ``reason``)."""
+        rejected = outcome == AssociationOutcome.REJECTED
         with self._write_lock, self._session.begin() as s:
-            s.add(Association(id=assoc_id, calling_ae=calling_ae, peer_address=address, peer_port=port))
+            s.add(
+                Association(
+                    id=assoc_id,
+                    calling_ae=calling_ae[:16],
+                    called_ae=None if called_ae is None else called_ae[:16],
+                    peer_address=address,
+                    peer_port=port,
+                    tls=tls,
+                    client_cert_subject=client_cert_subject,
+                    outcome=str(outcome),
+                    reason=reason,
+                    closed_at=utcnow() if rejected else None,
+                )
+            )
+
+    def associations(self, limit: int = 50) -> list[Association]:
+        """The latest association records, newest first."""
+        with self._session() as s:
+            return list(s.scalars(select(Association).order_by(Association.opened_at.desc()).limit(limit)))
 
     def association_closed(self, assoc_id: str, outcome: str) -> int:
         """Record the end of an association. A release marks the series whose
@@ -361,6 +448,7 @@ class Index:
                             last_received_at=now,
                             last_association_id=rec.association_id,
                             released=False,
+                            last_source=rec.source,
                         )
                     ).rowcount
                     if touched:
@@ -382,6 +470,8 @@ class Index:
                             calling_ae=rec.calling_ae,
                             peer_address=rec.peer_address,
                             association_id=rec.association_id,
+                            clipped=rec.clipped,
+                            source=rec.source,
                         )
                     )
                     if rec.association_id:
@@ -418,6 +508,7 @@ class Index:
             last_received_at=now,
             last_association_id=rec.association_id,
             released=False,
+            last_source=rec.source,
         )
         if old is None:
             c.execute(
@@ -464,12 +555,22 @@ class Index:
 
     # -- series --------------------------------------------------------------------
 
-    def series_to_complete(self, now: dt.datetime, idle_seconds: float, on_release: bool) -> list[str]:
-        """Series in ``receiving`` that are idle long enough, or released."""
+    def series_to_complete(
+        self, now: dt.datetime, idle_seconds: float, on_release: bool, *, stow_idle_seconds: float | None = None
+    ) -> list[str]:
+        """Series in ``receiving`` that are idle long enough, or released.
+        With ``stow_idle_seconds``, a series whose latest instance came by
+        STOW-RS (``last_source``) waits that long instead of ``idle_seconds``."""
         cutoff = now - dt.timedelta(seconds=idle_seconds)
         with self._session() as s:
             q = select(Series.series_uid).where(Series.state == "receiving")
             cond = Series.last_received_at <= cutoff
+            if stow_idle_seconds is not None:
+                stow = Series.last_source == "stow-rs"
+                stow_cutoff = now - dt.timedelta(seconds=stow_idle_seconds)
+                cond = (stow & (Series.last_received_at <= stow_cutoff)) | (
+                    (Series.last_source.is_(None) | ~stow) & cond
+                )
             if on_release:
                 cond = cond | (Series.released.is_(True))
             return list(s.scalars(q.where(cond)))
@@ -508,6 +609,61 @@ class Index:
             series.state = "purged"
             series.state_changed_at = utcnow()
             series.instance_count = 0
+
+    # -- retention (node/retention.py) ----------------------------------------------------
+
+    def _study_busy(self, s: Session, study_uid: str) -> str | None:
+        """Why a study's files must stay, or None: work on it is not over."""
+        if s.scalar(select(Job.id).where(Job.study_uid == study_uid, Job.state.in_(["queued", "running"])).limit(1)):
+            return "queued or running jobs"
+        pending = select(Delivery.id).join(Job, Delivery.job_id == Job.id)
+        if s.scalar(pending.where(Job.study_uid == study_uid, Delivery.state == "pending").limit(1)):
+            return "pending deliveries"
+        if s.scalar(
+            select(Series.series_uid).where(Series.study_uid == study_uid, Series.state.in_(["receiving", "complete"])).limit(1)
+        ):
+            return "series still arriving or not yet routed"
+        open_states = ["receiving", "complete", "queued", "running"]
+        if s.scalar(
+            select(StudyAssembly.route).where(StudyAssembly.study_uid == study_uid, StudyAssembly.state.in_(open_states)).limit(1)
+        ):
+            return "a study-level rule is still collecting it"
+        return None
+
+    def study_busy(self, study_uid: str) -> str | None:
+        """Why the files of ``study_uid`` (spool, outbox) must be kept, or
+        None: queued or running jobs, pending deliveries, series still
+        arriving or not yet routed, an open study assembly."""
+        with self._session() as s:
+            return self._study_busy(s, study_uid)
+
+    def idle_studies(self, cutoff: dt.datetime) -> list[str]:
+        """Studies whose last instance came at or before ``cutoff`` (naive
+        UTC) and that still have instances indexed."""
+        with self._session() as s:
+            q = (
+                select(Study.study_uid)
+                .where(Study.last_received_at <= cutoff)
+                .where(select(Instance.sop_instance_uid).where(Instance.study_uid == Study.study_uid).exists())
+            )
+            return list(s.scalars(q))
+
+    def purge_study(self, study_uid: str, cutoff: dt.datetime, reason: str) -> list[tuple[Path, int]] | None:
+        """Forget every instance of an idle study, in one transaction that
+        first checks it is still idle since ``cutoff`` and not busy
+        (:meth:`study_busy`); its series become ``purged``. Returns the
+        (path, size in bytes) of the instances forgotten, for the caller to
+        delete, or None when the study is busy or received something since."""
+        with self._write_lock, self._session.begin() as s:
+            study = s.get(Study, study_uid)
+            if study is None or study.last_received_at > cutoff or self._study_busy(s, study_uid):
+                return None
+            rows = s.execute(select(Instance.path, Instance.size).where(Instance.study_uid == study_uid)).all()
+            s.execute(delete(Instance).where(Instance.study_uid == study_uid))
+            for series in s.scalars(select(Series).where(Series.study_uid == study_uid, Series.state != "purged")):
+                self._transition(s, "series", series.series_uid, series.state, "purged", reason)
+                series.state, series.state_changed_at, series.instance_count = "purged", utcnow(), 0
+            return [(Path(path), size) for path, size in rows]
 
     # -- study assembly -----------------------------------------------------------------
 
@@ -656,23 +812,55 @@ class Index:
                     row.path = str(path)
                 seen.add(ds.SOPInstanceUID)
                 for dest in destinations:
-                    s.add(Delivery(job_id=job_id, sop_instance_uid=ds.SOPInstanceUID, destination=dest, path=str(path)))
-            self._transition(s, "job", job_id, job.state, "done", f"{len(results)} results")
-            job.state = "done"
+                    self._queue_delivery(s, job_id, ds.SOPInstanceUID, dest, path)
+            self._transition(s, "job", job_id, job.state, JobState.DONE, f"{len(results)} results")
+            job.state = JobState.DONE
             job.finished_at = utcnow()
             job.timings = timings
-            self._sync_series_state(s, job, "done")
+            self._sync_series_state(s, job, JobState.DONE)
 
-    def fail_job(self, job_id: int, error: str, traceback: str | None = None, timings: str | None = None) -> None:
+    def _queue_delivery(self, s: Session, job_id: int, sop_instance_uid: str, destination: str, path: Path) -> None:
+        """A pending delivery of a result. A re-run of the same job (``jobs
+        retry``) makes the same SOP Instance UIDs (deterministic UIDs), so its
+        row may exist already: it is queued afresh rather than duplicated."""
+        row = s.scalar(
+            select(Delivery).where(
+                Delivery.job_id == job_id,
+                Delivery.sop_instance_uid == sop_instance_uid,
+                Delivery.destination == destination,
+            )
+        )
+        if row is None:
+            s.add(Delivery(job_id=job_id, sop_instance_uid=sop_instance_uid, destination=destination, path=str(path)))
+            return
+        self._transition(s, "delivery", row.id, row.state, "pending", f"job {job_id} ran again")
+        row.state, row.path, row.attempts = "pending", str(path), 0
+        row.next_attempt_at, row.delivered_at, row.last_error = utcnow(), None, None
+
+    def fail_job(
+        self,
+        job_id: int,
+        error: str,
+        traceback: str | None = None,
+        timings: str | None = None,
+        *,
+        state: JobState = JobState.FAILED,
+    ) -> None:
+        """End a job without results: ``failed`` (an input fault with
+        ``traceback=None``, or a bug with its traceback), or with
+        ``state=JobState.NOT_APPLICABLE`` valid input its pipeline does not
+        process. ``error`` is the reason either way."""
+        if state not in (JobState.FAILED, JobState.NOT_APPLICABLE):
+            raise ValueError(f"state must be failed or not_applicable, got {state!r}")
         with self._write_lock, self._session.begin() as s:
             job = s.get(Job, job_id)
-            self._transition(s, "job", job_id, job.state, "failed", error[:500])
-            job.state = "failed"
+            self._transition(s, "job", job_id, job.state, state, error[:500])
+            job.state = state
             job.finished_at = utcnow()
             job.error = error
             job.traceback = traceback
             job.timings = timings
-            self._sync_series_state(s, job, "failed")
+            self._sync_series_state(s, job, state)
 
     def recover_jobs(self, max_attempts: int) -> tuple[int, int]:
         """On start-up: jobs left ``running`` by a dead process go back to
@@ -694,6 +882,70 @@ class Index:
                     self._sync_series_state(s, job, "queued")
                     requeued += 1
         return requeued, failed
+
+    #: States an operator may queue again (``ainode jobs retry``).
+    RETRYABLE = (JobState.FAILED, JobState.NOT_APPLICABLE)
+
+    def retry_jobs(
+        self,
+        job_ids: Iterable[int] = (),
+        *,
+        failed: bool = False,
+        since: dt.datetime | None = None,
+        pipeline: str | None = None,
+        by: str,
+        reason: str | None = None,
+    ) -> tuple[list[int], dict[int, str]]:
+        """Queue jobs again at an operator's request (``ainode jobs retry``).
+
+        Parameters
+        ----------
+        job_ids:
+            Jobs named one by one: each may be ``failed`` or
+            ``not_applicable`` (naming a job is a deliberate choice, e.g. once
+            a pipeline reads lateral views).
+        failed, since, pipeline:
+            Also every ``failed`` job (never a ``not_applicable`` one),
+            optionally only those finished at or after ``since`` (naive UTC)
+            and of ``pipeline``.
+        by, reason:
+            Who asked and why, written into the job's ``transitions`` row.
+
+        Each job goes back to ``queued`` with its attempts at 0, so
+        ``max_job_attempts`` applies anew; its error and traceback stay in
+        its transitions. A running node's workers claim it within their
+        1 s poll. Returns the ids queued, and for each named job left alone
+        why (unknown, or in a state that is not retried).
+        """
+        why = f"retry requested by {by}" + (f": {reason}" if reason else "")
+        refused: dict[int, str] = {}
+        requeued: list[int] = []
+        with self._write_lock, self._session.begin() as s:
+            chosen: dict[int, Job] = {}
+            for job_id in dict.fromkeys(job_ids):
+                job = s.get(Job, job_id)
+                if job is None:
+                    refused[job_id] = "no such job"
+                elif job.state not in self.RETRYABLE:
+                    refused[job_id] = f"state is {job.state}; only failed or not_applicable jobs are retried"
+                else:
+                    chosen[job.id] = job
+            if failed:
+                q = select(Job).where(Job.state == JobState.FAILED)
+                if since is not None:
+                    q = q.where(Job.finished_at >= since)
+                if pipeline is not None:
+                    q = q.where(Job.pipeline == pipeline)
+                chosen.update((job.id, job) for job in s.scalars(q))
+            for job_id in sorted(chosen):
+                job = chosen[job_id]
+                self._transition(s, "job", job_id, job.state, JobState.QUEUED, why)
+                job.state, job.attempts = JobState.QUEUED, 0
+                job.error = job.traceback = job.timings = None
+                job.started_at = job.finished_at = None
+                self._sync_series_state(s, job, JobState.QUEUED)
+                requeued.append(job_id)
+        return requeued, refused
 
     def job(self, job_id: int) -> Job | None:
         with self._session() as s:
@@ -775,6 +1027,78 @@ class Index:
                 s.scalars(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id).order_by(DeliveryAttempt.id))
             )
 
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        """The delivery row ``delivery_id``, or None."""
+        with self._session() as s:
+            return s.get(Delivery, delivery_id)
+
+    def resend_deliveries(
+        self,
+        ids: Sequence[int] = (),
+        *,
+        failed: bool = False,
+        destination: str | None = None,
+        since: dt.datetime | None = None,
+        by: str,
+        reason: str = "manual re-send",
+    ) -> tuple[list[int], list[int]]:
+        """Put deliveries back to ``pending``, due now, for a new cycle of attempts.
+
+        Select either ``ids`` (deliveries in any state: a delivered one is
+        sent again, the same file with the same SOP Instance UID, which a
+        PACS stores once), or ``failed=True``: every ``failed`` delivery,
+        narrowed to ``destination`` and to those whose last attempt was at or
+        after ``since`` (naive UTC, as the index stores times).
+
+        ``attempts`` restarts at 0, so the retry policy counts from the
+        first attempt again; earlier attempts stay in ``delivery_attempts``
+        (their numbers restart too) and ``last_error`` keeps the last error
+        until the next attempt. Each re-queued delivery gets a
+        ``transitions`` row (``delivery``, old state -> ``pending``, reason
+        ``resend by BY: REASON``, at now), in the same transaction. A running
+        node's dispatch thread polls due deliveries every second and picks
+        them up without a restart.
+
+        Returns
+        -------
+        (re-queued ids, ids not found)
+
+        Raises
+        ------
+        ValueError
+            Neither or both of ``ids`` and ``failed``; ``destination`` or
+            ``since`` with ``ids``; an empty ``by`` or ``reason``.
+        """
+        if bool(ids) == failed:
+            raise ValueError("give delivery ids or failed=True, not both and not neither")
+        if ids and (destination is not None or since is not None):
+            raise ValueError("destination and since narrow failed=True only, not delivery ids")
+        if not by.strip() or not reason.strip():
+            raise ValueError("by and reason must not be empty")
+        note = f"resend by {by.strip()}: {reason.strip()}"
+        now = utcnow()
+        with self._write_lock, self._session.begin() as s:
+            q = select(Delivery).order_by(Delivery.id)
+            if ids:
+                q = q.where(Delivery.id.in_(list(ids)))
+            else:
+                q = q.where(Delivery.state == "failed")
+                if destination is not None:
+                    q = q.where(Delivery.destination == destination)
+                if since is not None:
+                    last_at = (
+                        select(DeliveryAttempt.delivery_id)
+                        .group_by(DeliveryAttempt.delivery_id)
+                        .having(func.max(DeliveryAttempt.at) >= since)
+                    )
+                    q = q.where(Delivery.id.in_(last_at))
+            rows = list(s.scalars(q))
+            for d in rows:
+                self._transition(s, "delivery", d.id, d.state, "pending", note)
+                d.state, d.attempts, d.next_attempt_at, d.delivered_at = "pending", 0, now, None
+            found = {d.id for d in rows}
+            return [d.id for d in rows], [i for i in dict.fromkeys(ids) if i not in found]
+
     # -- reporting -----------------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -803,6 +1127,23 @@ class Index:
     def ping(self) -> bool:
         with self._session() as s:
             return s.scalar(select(1)) == 1
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns a newer node defines to tables an older one created
+    (``create_all`` creates missing tables only). New columns are nullable,
+    so ``ALTER TABLE ... ADD COLUMN`` works on SQLite and PostgreSQL."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(engine)
+    with engine.begin() as c:
+        for table in Base.metadata.sorted_tables:
+            have = {col["name"] for col in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable:
+                    c.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {col.type.compile(engine.dialect)}'
+                    )
 
 
 class _NullLock:

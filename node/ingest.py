@@ -1,9 +1,12 @@
 """Ingest: accept or refuse one received instance, in one place.
 
-Pure functions on the encoded bytes, no networking, so that every source
-(the C-STORE SCP today, a STOW-RS service later) makes the same decision:
-:func:`check_instance` returns :class:`Accepted` (the values the index keeps)
-or :class:`Refused` (the DIMSE status and the reason).
+Every source (:class:`Source`: the C-STORE SCP, :mod:`node.receive`, and
+STOW-RS, :mod:`node.api.routers.stow`) hands the encoded bytes to
+:meth:`Ingest.store`: the one path of checks, refusal and quarantine,
+duplicate check, free-disk guard, durable spool and index. Its decision on
+the bytes is :func:`check_instance`, pure and without networking: it
+returns :class:`Accepted` (the values the index keeps) or :class:`Refused`
+(the DIMSE status and the reason).
 
 What is refused, and with which status (PS3.4 B.2.3, PS3.7 C.4.2.1.4):
 
@@ -27,17 +30,21 @@ maximum length (PS3.5 6.2) and flags the instance; the file keeps them whole.
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from io import BytesIO
 from typing import Any
 
+import structlog
 from pydicom.datadict import dictionary_VR
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import MAX_VALUE_LEN
 
-from node.spool import INDEX_KEYWORDS, is_safe_uid, read_header
+from node.index import InstanceRecord
+from node.spool import INDEX_KEYWORDS, FreeSpace, Spool, is_safe_uid, read_header
 
 
 class Status(IntEnum):
@@ -175,6 +182,205 @@ def index_values(header) -> tuple[dict[str, Any], dict[str, int]]:
             value = text or None
         values[kw] = value
     return values, clipped
+
+
+# -- the one path of every source -----------------------------------------------------
+
+
+class Source(StrEnum):
+    """Where an instance came from (``instances.source``,
+    ``series.last_source``). The completion sweep waits
+    ``[completion] series_idle_seconds`` (or the association's release)
+    after C-STORE, ``stow_idle_seconds`` after STOW-RS, where the end of a
+    request is no end of a series (many clients send one instance a request)."""
+
+    C_STORE = "c-store"  # PS3.4 B.2, over a DICOM association
+    STOW_RS = "stow-rs"  # PS3.18 10.5, over HTTP
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :meth:`Ingest.store` did with one instance.
+
+    ``status``: 0x0000 stored (``new`` is False for a duplicate, stored
+    once), else refused with ``reason``; the value is the C-STORE status
+    (PS3.4 B.2.3) and the STOW-RS Failure Reason (0008,1197) alike (PS3.18
+    10.5.3). The UIDs are what the bytes tell, None where they do not.
+    """
+
+    status: Status
+    reason: str | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+    new: bool = False
+
+    @property
+    def stored(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+class Ingest:
+    """Check, refuse and quarantine, or spool and index, one instance: the
+    one path of every :class:`Source`.
+
+    Parameters
+    ----------
+    spool, index:
+        Where instances are written (durably) and recorded.
+    free_space:
+        The free-disk guard (``[storage] min_free_mb``, ``min_free_percent``).
+    metrics:
+        An :class:`node.metrics.Metrics`, or None.
+    """
+
+    def __init__(self, spool: Spool, index, free_space: FreeSpace, *, metrics: Any = None):
+        self.spool = spool
+        self.index = index
+        self.free_space = free_space
+        self.metrics = metrics
+        self.log = structlog.get_logger("node.ingest")
+
+    def store(
+        self,
+        encoded: bytes,
+        transfer_syntax_uid: str | None,
+        *,
+        source: Source,
+        peer: dict[str, Any],
+        expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
+        expected_study: str | None = None,
+    ) -> Outcome:
+        """Store one instance, or refuse it; never raises.
+
+        ``encoded`` is a DICOM file (preamble, file meta, dataset);
+        ``transfer_syntax_uid`` the negotiated one (C-STORE), or None for
+        the file meta's (0002,0010) (STOW-RS: each part is a PS3.10 file).
+        ``peer`` names the sender for the log and the quarantine;
+        ``calling_ae``, ``peer_address`` and ``association_id`` go to the
+        index. ``expected_*`` are the request's Affected SOP Class/Instance
+        UID (C-STORE) or the Study Instance UID of the request path
+        (STOW-RS), which the dataset must repeat.
+
+        Statuses (PS3.4 B.2.3; PS3.18 10.5.3 uses them as Failure Reasons):
+        0x0000 once the file is durable and indexed, or was already (a
+        duplicate); 0xA900 or 0xC210 for a fault in the data, quarantined;
+        0xA700 only for our own faults: too little free disk (nothing
+        written), the disk or the index failing. The sender retries those.
+        """
+        started = time.perf_counter()
+        if not self.free_space.ok():
+            return self._out_of_resources("instance_refused_disk_space", self.free_space.reason, peer)
+        if transfer_syntax_uid is None:
+            try:
+                transfer_syntax_uid = file_transfer_syntax(encoded)
+            except MalformedDataset as exc:
+                reason = f"dataset cannot be parsed: {exc}"
+                return self.refuse(encoded, Status.CANNOT_UNDERSTAND, reason, source=source, peer=peer)
+        decision = check_instance(
+            encoded, transfer_syntax_uid, sop_class_uid=expected_sop_class, sop_instance_uid=expected_sop_instance
+        )
+        if isinstance(decision, Refused):
+            return self.refuse(encoded, decision.status, decision.reason, source=source, peer=peer)
+        values = decision.values
+        study_uid, series_uid, sop_uid = values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]
+        if expected_study is not None and study_uid != expected_study:
+            reason = f"StudyInstanceUID {study_uid} differs from the request's Study Instance UID {expected_study}"
+            return self.refuse(encoded, Status.DATASET_MISMATCH, reason, source=source, peer=peer)
+        stored = Outcome(Status.SUCCESS, None, values["SOPClassUID"], sop_uid, study_uid)
+        log = self.log.bind(
+            study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid, source=str(source),
+            calling_ae=peer.get("calling_ae"), peer_address=peer.get("peer_address"),
+        )
+        if decision.clipped:  # indexed clipped (PS3.5 6.2 maxima); the file keeps them whole
+            log.warning("instance_values_clipped", lengths=decision.clipped)
+        try:
+            if self.index.has_instance(sop_uid):
+                log.info("instance_duplicate")
+                if self.metrics:
+                    self.metrics.instances_duplicate.inc()
+                return stored
+            path = self.spool.store_instance(study_uid, series_uid, sop_uid, encoded)
+            record = InstanceRecord.from_values(
+                values, decision.transfer_syntax_uid, path, len(encoded), clipped=bool(decision.clipped),
+                calling_ae=peer.get("calling_ae"), peer_address=peer.get("peer_address"),
+                association_id=peer.get("association_id"), source=str(source),
+            )
+            new = self.index.record_instance(record)
+        except OSError as exc:
+            return self._out_of_resources("instance_store_failed", str(exc), peer, log)
+        except Exception as exc:  # the index is down: the sender must retry
+            return self._out_of_resources("instance_index_failed", repr(exc), peer, log)
+        if self.metrics:
+            (self.metrics.instances_received if new else self.metrics.instances_duplicate).inc()
+            self.metrics.store_seconds.observe(time.perf_counter() - started)
+        log.debug("instance_stored", bytes=len(encoded), new=new)
+        return Outcome(Status.SUCCESS, None, stored.sop_class_uid, sop_uid, study_uid, new)
+
+    def _out_of_resources(self, event: str, error: str | None, peer: dict, log=None) -> Outcome:
+        (log or self.log).error(event, error=error, **({} if log else peer))
+        if self.metrics:
+            self.metrics.instances_refused.labels(status=Status.OUT_OF_RESOURCES.code).inc()
+        return Outcome(Status.OUT_OF_RESOURCES, error or event)
+
+    def refuse(self, encoded: bytes, status: Status, reason: str, *, source: Source, peer: dict) -> Outcome:
+        """Refuse a fault in the data (never 0xA700): quarantine the bytes
+        with the reason, log and count it. For what a source finds wrong
+        before the bytes reach :meth:`store` (a STOW-RS part cut short)."""
+        details = {"dimse_status": status.code, "source": str(source), **peer}
+        try:
+            kept = self.spool.quarantine(encoded, reason, details)
+        except OSError as exc:
+            kept = None
+            self.log.error("quarantine_failed", error=str(exc))
+        self.log.warning(
+            "instance_refused", status=status.code, reason=reason, quarantined=str(kept), source=str(source), **peer
+        )
+        if self.metrics:
+            self.metrics.instances_refused.labels(status=status.code).inc()
+        return Outcome(status, reason, *known_uids(encoded))
+
+
+def file_transfer_syntax(encoded: bytes) -> str:
+    """The Transfer Syntax UID (0002,0010) of a DICOM file's meta
+    information (PS3.10 7.1).
+
+    Raises
+    ------
+    MalformedDataset
+        No preamble and ``DICM``, a meta group that overruns the data, or
+        no (0002,0010).
+    """
+    from pydicom.filereader import read_dataset
+
+    if len(encoded) < 132 or encoded[128:132] != b"DICM":
+        raise MalformedDataset("no DICOM preamble and 'DICM' prefix (PS3.10 7.1)")
+    end = _Walker(encoded, explicit=True, little=True).meta_end(132)
+    try:
+        meta = read_dataset(BytesIO(encoded[132:end]), is_implicit_VR=False, is_little_endian=True)
+        ts = meta.get("TransferSyntaxUID")
+    except Exception as exc:  # pydicom raises many kinds on bad values
+        raise MalformedDataset(f"the file meta information cannot be read: {exc!r}") from None
+    if not ts:
+        raise MalformedDataset("no Transfer Syntax UID (0002,0010) in the file meta information (PS3.10 7.1)")
+    return str(ts).strip("\0 ")
+
+
+def known_uids(encoded: bytes) -> tuple[str | None, str | None, str | None]:
+    """(SOP Class, SOP Instance, Study Instance UID) as far as a refused
+    instance's bytes tell them (pydicom, forgiving), each None if not."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            BytesIO(encoded), force=True, stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
+        )
+        found = [ds.get(kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+    except Exception:
+        return None, None, None
+    return tuple(str(v) if is_safe_uid(str(v)) else None for v in found)  # type: ignore[return-value]
 
 
 # -- the element walk -----------------------------------------------------------------

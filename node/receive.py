@@ -13,8 +13,9 @@ Refusals (PS3.4 Annex B.2.3 and PS3.7 C.4.2.1.4 for the status codes):
   recognised" (PS3.8 9.3.4);
 - a caller not on the allow-list: A-ASSOCIATE-RJ, "calling AE title not
   recognised";
-- faults in the data (:mod:`node.ingest` decides): 0xC210 "Cannot
-  understand" or 0xA900 "Data Set does not match SOP Class", quarantined;
+- faults in the data (:mod:`node.ingest` decides, for C-STORE and STOW-RS
+  alike): 0xC210 "Cannot understand" or 0xA900 "Data Set does not match
+  SOP Class", quarantined;
 - too little free disk, or the disk or index failing: 0xA700 "Out of
   resources", so the peer retries.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -40,15 +40,15 @@ from typing import Any
 
 import structlog
 from pydicom import uid
-from pydicom.uid import AllTransferSyntaxes, UID
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class  # type: ignore[attr-defined]
 
 from node import tls
 from node.config import NodeConfig
-from node.index import AssociationOutcome, Index, InstanceRecord
-from node.ingest import Refused, Status, check_instance
+from node.index import AssociationOutcome, Index
+from node.ingest import Ingest, Source, Status
 from node.spool import FreeSpace, Spool
 
 _LOSSLESS = {
@@ -82,7 +82,7 @@ def accepted_transfer_syntaxes() -> list[str]:
                 out.append(str(ts))
         except NotImplementedError:
             continue
-    native = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
+    native: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
     out.sort(key=lambda ts: (not UID(ts).is_compressed, ts not in _LOSSLESS, native.index(ts) if ts in native else 9))
     return out
 
@@ -128,6 +128,9 @@ class Receiver:
     on_release:
         Called, with no argument, after an association is released, so the
         completion sweep can run at once instead of waiting for its interval.
+    ingest:
+        The ingest step shared with STOW-RS (:class:`node.ingest.Ingest`);
+        by default one of its own on ``spool`` and ``index``.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Receiver:
         *,
         metrics: Any = None,
         on_release: Callable[[], None] | None = None,
+        ingest: Ingest | None = None,
     ):
         self.config = config
         self.spool = spool
@@ -147,10 +151,14 @@ class Receiver:
         self.log = structlog.get_logger("node.receive")
         self._assoc_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._server = None  # plain DICOM
-        self._tls_server = None  # DICOM TLS ([node.tls])
+        self._server: tls.DicomServer | None = None  # plain DICOM
+        self._tls_server: tls.DicomServer | None = None  # DICOM TLS ([node.tls])
         storage = config.storage
-        self.free_space = FreeSpace(spool.spool_dir, storage.min_free_mb, storage.min_free_percent)
+        if ingest is None:
+            free_space = FreeSpace(spool.spool_dir, storage.min_free_mb, storage.min_free_percent)
+            ingest = Ingest(spool, index, free_space, metrics=metrics)
+        self.ingest = ingest
+        self.free_space = ingest.free_space
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -339,8 +347,8 @@ class Receiver:
         return Status.SUCCESS
 
     def handle_store(self, event) -> int:
-        """C-STORE: check (:func:`node.ingest.check_instance`), spool,
-        index, then answer.
+        """C-STORE: the shared ingest step (:meth:`node.ingest.Ingest.store`)
+        on the dataset exactly as the peer encoded it, then answer.
 
         Returns 0x0000 once the file is durable and indexed (or was already:
         a duplicate); 0xA900 or 0xC210 for a fault in the data, which is
@@ -348,73 +356,21 @@ class Receiver:
         (``[storage] min_free_mb``, ``min_free_percent``; nothing written)
         or the disk or index fails, so the peer retries.
         """
-        started = time.perf_counter()
-        if not self.free_space.ok():
-            return self._out_of_resources("instance_refused_disk_space", self.free_space.reason)
-        requestor = event.assoc.requestor
-        calling, address = requestor.ae_title.strip(), requestor.address
+        requestor, request = event.assoc.requestor, event.request
         with self._lock:
             assoc_id = self._assoc_ids.get(event.assoc)
-        request = event.request
-        encoded = event.encoded_dataset(include_meta=True)
         peer = {
-            "calling_ae": calling,
-            "peer_address": address,
+            "calling_ae": requestor.ae_title.strip(),
+            "peer_address": requestor.address,
             "association_id": assoc_id,
             "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
             "affected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
         }
-        decision = check_instance(
-            encoded,
+        return self.ingest.store(
+            event.encoded_dataset(include_meta=True),
             event.context.transfer_syntax,
-            sop_class_uid=peer["affected_sop_class_uid"],
-            sop_instance_uid=peer["affected_sop_instance_uid"],
-        )
-        if isinstance(decision, Refused):
-            return self._refuse(encoded, decision.status, decision.reason, peer)
-
-        values = decision.values
-        study_uid, series_uid, sop_uid = values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]
-        log = self.log.bind(study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid, calling_ae=calling)
-        if decision.clipped:  # indexed clipped (PS3.5 6.2 maxima); the file keeps them whole
-            log.warning("instance_values_clipped", lengths=decision.clipped)
-        try:
-            if self.index.has_instance(sop_uid):
-                log.info("instance_duplicate")
-                if self.metrics:
-                    self.metrics.instances_duplicate.inc()
-                return Status.SUCCESS
-            path = self.spool.store_instance(study_uid, series_uid, sop_uid, encoded)
-            record = InstanceRecord.from_values(
-                values, decision.transfer_syntax_uid, path, len(encoded), clipped=bool(decision.clipped),
-                calling_ae=calling, peer_address=address, association_id=assoc_id,
-            )
-            new = self.index.record_instance(record)
-        except OSError as exc:
-            return self._out_of_resources("instance_store_failed", str(exc), log)
-        except Exception as exc:  # the index is down: the peer must retry
-            return self._out_of_resources("instance_index_failed", repr(exc), log)
-
-        if self.metrics:
-            (self.metrics.instances_received if new else self.metrics.instances_duplicate).inc()
-            self.metrics.store_seconds.observe(time.perf_counter() - started)
-        log.debug("instance_stored", bytes=len(encoded), new=new)
-        return Status.SUCCESS
-
-    def _out_of_resources(self, event: str, error: str | None, log=None) -> int:
-        (log or self.log).error(event, error=error)
-        if self.metrics:
-            self.metrics.instances_refused.labels(status=Status.OUT_OF_RESOURCES.code).inc()
-        return Status.OUT_OF_RESOURCES
-
-    def _refuse(self, encoded: bytes, status: Status, reason: str, peer: dict) -> int:
-        details = {"dimse_status": status.code, **peer}
-        try:
-            kept = self.spool.quarantine(encoded, reason, details)
-        except OSError as exc:
-            kept = None
-            self.log.error("quarantine_failed", error=str(exc))
-        self.log.warning("instance_refused", status=status.code, reason=reason, quarantined=str(kept), **peer)
-        if self.metrics:
-            self.metrics.instances_refused.labels(status=status.code).inc()
-        return status
+            source=Source.C_STORE,
+            peer=peer,
+            expected_sop_class=peer["affected_sop_class_uid"],
+            expected_sop_instance=peer["affected_sop_instance_uid"],
+        ).status

@@ -6,6 +6,8 @@ what a previous process left on disk, and starts the threads:
 - the SCP (pynetdicom's server threads);
 - the completion sweep (apscheduler, every ``sweep_interval_seconds`` and at
   once after each association release);
+- the retention clean-up (apscheduler, at start-up and every
+  ``[retention] interval_minutes``; :mod:`node.retention`);
 - the job workers;
 - one dispatch thread per destination;
 - the HTTP API.
@@ -23,15 +25,17 @@ import threading
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.api import ApiServer, Metrics
+from node.api import ApiServer, Metrics, create_app
 from node.complete import CompletionSweep
 from node.config import NodeConfig
 from node.dispatch import Dispatcher
 from node.index import Index, InstanceRecord
+from node.ingest import Ingest
 from node.receive import Receiver
 from node.route import Router
+from node.retention import Retention
 from node.run import Runner
-from node.spool import INDEX_KEYWORDS, Spool, read_header
+from node.spool import INDEX_KEYWORDS, FreeSpace, Spool, read_header
 
 
 class Node:
@@ -48,12 +52,18 @@ class Node:
         self.runner = Runner(config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake)
         self.router = Router(config.routes, self.index, on_queued=self.runner.wake, sequences=config.sequences)
         self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router)
-        self.receiver = Receiver(config, self.spool, self.index, metrics=self.metrics, on_release=self.trigger_sweep)
+        self.retention = Retention(config.retention, self.index, self.spool)
+        # The one ingest step of both sources: C-STORE (the receiver) and STOW-RS (the API).
+        free_space = FreeSpace(self.spool.spool_dir, st.min_free_mb, st.min_free_percent)
+        self.ingest = Ingest(self.spool, self.index, free_space, metrics=self.metrics)
+        self.receiver = Receiver(
+            config, self.spool, self.index, metrics=self.metrics, on_release=self.trigger_sweep, ingest=self.ingest
+        )
         self.scheduler = BackgroundScheduler(timezone=dt.UTC)
         self._sweep_job = None
         self.api: ApiServer | None = None
         if config.api.enabled:
-            self.api = ApiServer((config.api.bind_address, config.api.port), self.health, self.status, self.metrics)
+            self.api = ApiServer(create_app(self), config.api)
         self._stopped = threading.Event()
 
     # -- recovery -------------------------------------------------------------------
@@ -66,8 +76,15 @@ class Node:
         - jobs left ``running`` are queued again (or failed after
           ``max_job_attempts``);
         - series and studies left ``complete`` but never routed are routed;
+        - temporary files of writes a kill interrupted (``.<SOP>.dcm.<hex>.tmp``
+          in the spool, quarantine and outbox) are deleted, before the SCP
+          listens (:meth:`node.spool.Spool.remove_temporary_files`);
         - pending deliveries need nothing: dispatch retries them.
+
+        Returns counts: ``reindexed``, ``jobs_requeued``, ``jobs_failed``,
+        ``series_routed``, ``temporary_files`` and ``temporary_bytes``.
         """
+        temporary_files, temporary_bytes = self.spool.remove_temporary_files()
         reindexed = 0
         for path in self.index.missing_paths(self.spool.iter_instances()):
             try:
@@ -84,7 +101,14 @@ class Node:
         for assembly in self.index.assemblies("complete"):  # complete, but its job was never queued
             self.router.queue_study(assembly.study_uid, assembly.route)
             routed += 1
-        summary = {"reindexed": reindexed, "jobs_requeued": requeued, "jobs_failed": failed, "series_routed": routed}
+        summary = {
+            "reindexed": reindexed,
+            "jobs_requeued": requeued,
+            "jobs_failed": failed,
+            "series_routed": routed,
+            "temporary_files": temporary_files,
+            "temporary_bytes": temporary_bytes,
+        }
         self.log.info("recovered", **summary)
         return summary
 
@@ -104,6 +128,15 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(  # once now, then at a low rate: it walks the folders
+            self.retention.run,
+            "interval",
+            minutes=self.config.retention.interval_minutes,
+            next_run_time=dt.datetime.now(dt.UTC),
+            id="retention",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
         self.receiver.start()
         if self.api is not None:
@@ -111,7 +144,8 @@ class Node:
         self.log.info(
             "node_started",
             ae_title=self.config.node.ae_title,
-            port=self.receiver.address[1],
+            port=self.receiver.address[1] if self.config.node.plain else None,
+            tls_port=self.receiver.tls_address[1] if self.config.node.tls else None,
             api_port=self.api.address[1] if self.api else None,
             routes=[r.name for r in self.config.routes],
             destinations=list(self.config.destinations),

@@ -141,6 +141,13 @@ class Spool:
         """
         return write_durable(self.instance_path(study_uid, series_uid, sop_instance_uid), encoded, fsync=self.fsync)
 
+    def temporary_path(self, label: str = "stow-part") -> Path:
+        """A fresh temporary file name in the spool folder (``.<label>.<hex>.tmp``),
+        on the spool's file system: where STOW-RS writes each part while it
+        streams in. The caller deletes it; one a kill leaves behind is deleted
+        at start-up (:meth:`remove_temporary_files`)."""
+        return self.spool_dir / f".{label}.{uuid.uuid4().hex}.tmp"
+
     def iter_instances(self) -> Iterator[Path]:
         """Every instance file in the spool, for recovery after a crash."""
         for study in sorted(self.spool_dir.iterdir()):

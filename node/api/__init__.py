@@ -6,6 +6,8 @@
   deliveries by state, and the latest jobs and deliveries.
 - ``GET /metrics`` (scope ``read``): Prometheus text format, from the node's
   own registry.
+- ``POST /dicom-web/studies[/{StudyInstanceUID}]`` (scope ``ingest``):
+  STOW-RS into the node (:mod:`node.api.routers.stow`).
 
 HTTPS with ``[api.tls]``; bearer tokens with scopes with ``[[api.tokens]]``
 (:mod:`node.api.auth`). Modules: :mod:`node.api.app` (the app factory),

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from node.api.auth import TokenAuth
 from node.api.deps import NodeLike
-from node.api.routers import health, metrics, status
+from node.api.routers import health, metrics, status, stow
 
 log = structlog.get_logger("node.api")
 
@@ -43,4 +43,5 @@ def create_app(node: NodeLike, auth: TokenAuth | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
+    app.include_router(stow.router)
     return app

@@ -8,6 +8,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, Request
 
 from node.config import NodeConfig
+from node.ingest import Ingest
 from node.metrics import Metrics
 
 
@@ -16,6 +17,7 @@ class NodeLike(Protocol):
 
     config: NodeConfig
     metrics: Metrics
+    ingest: Ingest  # STOW-RS stores through it, as C-STORE does
 
     def health(self) -> tuple[bool, dict]: ...
 
