@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools
 CONFIG ?= config/node.toml
 
-.PHONY: run test setup system-packages venv orthanc bench clean viewer viewer-deps browser-deps
+.PHONY: run test lint setup system-packages venv orthanc bench clean viewer viewer-deps browser-deps
 
 setup: system-packages venv
 
@@ -44,8 +44,14 @@ orthanc: system-packages
 run: setup orthanc
 	$(VENV)/bin/ainode serve --config $(CONFIG)
 
-test: setup viewer-deps browser-deps
+test: setup viewer-deps browser-deps lint
 	$(PY) -m pytest
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and mypy, as
+# set in pyproject.toml; any finding fails the build. It never reformats.
+lint: venv
+	$(VENV)/bin/ruff check node pipelines models tests bench deploy
+	$(VENV)/bin/mypy
 
 # OHIF viewer: the prebuilt dist of the npm package @ohif/app (about 50 MB
 # packed, 200 MB unpacked), fetched once into .cache/ (not committed) and

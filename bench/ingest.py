@@ -1,6 +1,6 @@
 """Ingest benchmark: the node's SCP against dcmtk storescp and Orthanc, same run.
 
-Test load (DESIGN.md, "Measured anchors"): 300 CT instances of 512x512
+Test load (docs/architecture.md, "Measured anchors"): 300 CT instances of 512x512
 (~157 MB), sent by dcmtk ``storescu`` on one association with
 ``TCP_NODELAY=1`` (given to every dcmtk-based peer, Orthanc included). Each receiver runs on a free loopback port in a temporary
 folder; the wall time of the whole ``storescu`` run is measured.
@@ -12,8 +12,8 @@ Prints one JSON object. Usage::
 
 from __future__ import annotations
 
-import copy
 import argparse
+import copy
 import json
 import os
 import shutil

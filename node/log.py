@@ -15,7 +15,7 @@ import structlog
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route structlog and the standard library (pynetdicom, apscheduler) to
     stderr, as JSON lines or human-readable console lines."""
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

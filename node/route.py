@@ -204,24 +204,24 @@ def assign_roles(
     for role in required_roles:
         if role in roles:
             continue
-        found = [c for c in candidates if c.series_uid not in forced and identified[c.series_uid][0] == role]
-        if found:
-            chosen, why[role] = pick_series(found)
+        matching = [c for c in candidates if c.series_uid not in forced and identified[c.series_uid][0] == role]
+        if matching:
+            chosen, why[role] = pick_series(matching)
             roles[role] = chosen.series_uid
     chosen_for = {uid: role for role, uid in roles.items()}
     decisions = []
     for c in candidates:
         found, reason = identified[c.series_uid]
-        role = chosen_for.get(c.series_uid)
+        assigned = chosen_for.get(c.series_uid)
         if c.series_uid in forced:
-            reason = f"{role} set by override (sequence rules: {reason})"
-        elif role is not None:
-            reason = f"{reason}; selected: {why[role]}"
+            reason = f"{assigned} set by override (sequence rules: {reason})"
+        elif assigned is not None:
+            reason = f"{reason}; selected: {why[assigned]}"
         elif found in roles:
             reason = f"{reason}; not selected: {roles[found]} fills {found}"
         elif found is not None:
             reason = f"{reason}; {found} is not a required role"
-        decisions.append(RoleDecision(c.series_uid, _show(c.header, "SeriesDescription"), found, role, reason))
+        decisions.append(RoleDecision(c.series_uid, _show(c.header, "SeriesDescription"), found, assigned, reason))
     return {role: roles[role] for role in required_roles if role in roles}, decisions
 
 

@@ -61,7 +61,8 @@ def secret_or_file(*names: str):
             data = {**data, name: read_secret_file(path, f"{name}_file")}
         return data
 
-    return model_validator(mode="before")(classmethod(fill))
+    # pydantic makes ``fill`` a classmethod itself: its first parameter is ``cls``.
+    return model_validator(mode="before")(fill)
 
 
 def token_digest(value: str) -> bytes:

@@ -22,8 +22,9 @@ import socket
 import ssl
 import threading
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from cryptography import x509
@@ -32,9 +33,18 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 if TYPE_CHECKING:
-    from node.config import DestinationTls, DicomTls
+    from node.config import DicomTls
+    from node.destinations.dicom import DestinationTls
 
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+class TlsVersion(StrEnum):
+    """Lowest TLS version accepted; PS3.15 Annex B.9 (BCP 195) allows 1.2 and 1.3."""
+
+    TLS_1_2 = "1.2"
+    TLS_1_3 = "1.3"
+
+
+_VERSIONS: dict[str, ssl.TLSVersion] = {TlsVersion.TLS_1_2: ssl.TLSVersion.TLSv1_2, TlsVersion.TLS_1_3: ssl.TLSVersion.TLSv1_3}
 
 
 def _password(section) -> str | None:
@@ -167,7 +177,7 @@ class DicomServer(ThreadedAssociationServer):
         assert self.socket is not None
         return self.socket.accept()
 
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
+    def process_request_thread(self, request, client_address) -> None:
         if self.tls_context is not None:
             request = self._handshake(request, client_address)
             if request is None:
@@ -175,6 +185,7 @@ class DicomServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
     def _handshake(self, raw: socket.socket, client_address) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None  # process_request_thread calls this only with TLS
         peer = {"peer_address": client_address[0], "peer_port": client_address[1], "port": self.server_address[1]}
         raw.settimeout(self.handshake_timeout)
         sock: socket.socket = raw
@@ -187,7 +198,8 @@ class DicomServer(ThreadedAssociationServer):
             sock.close()  # the SSLSocket owns the descriptor once wrapped
             return None
         sock.settimeout(None)  # as an accepted plain socket: pynetdicom selects, then reads
-        self.log.debug("tls_established", version=sock.version(), cipher=sock.cipher()[0], **peer)
+        cipher = sock.cipher()  # (name, protocol, bits); None only before the handshake
+        self.log.debug("tls_established", version=sock.version(), cipher=cipher[0] if cipher else None, **peer)
         return sock
 
 
@@ -209,7 +221,7 @@ def start_server(
     OSError
         The address cannot be bound (in use, not local).
     """
-    server = ae.make_server(
+    server = ae.make_server(  # pynetdicom types it as the base class; it is a server_class
         address,
         evt_handlers=evt_handlers,
         server_class=DicomServer,
@@ -220,4 +232,4 @@ def start_server(
     name = f"AcceptorServer{'-TLS' if tls_context else ''}@{datetime.now():%Y%m%d%H%M%S}"
     threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True).start()
     ae._servers.append(server)  # as start_server does: shutdown() removes it
-    return server
+    return cast(DicomServer, server)

@@ -79,12 +79,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from models.card import (
     Architecture,
+    ArrayAxes,
     DataSplit,
     LabelRule,
     Licence,
@@ -196,7 +198,9 @@ def _read_lps(path: Path):
     return sitk.GetArrayFromImage(img), tuple(float(s) for s in reversed(img.GetSpacing()))
 
 
-def load_case(case: BratsCase, channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+def load_case(
+    case: BratsCase, channels: Sequence[str] = CHANNELS
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
     """Read a case as the pipeline hands it to the model.
 
     Returns
@@ -217,7 +221,8 @@ def load_case(case: BratsCase, channels: Sequence[str] = CHANNELS) -> tuple[np.n
         The sequences (or the label) do not share one grid, or the label has
         values other than BraTS labels.
     """
-    arrays, spacing = [], None
+    arrays: list[np.ndarray] = []
+    spacing: tuple[float, ...] | None = None
     for role in channels:
         a, s = _read_lps(case.images[role])
         if spacing is not None and (a.shape != arrays[0].shape or not np.allclose(s, spacing, rtol=1e-3)):
@@ -225,6 +230,8 @@ def load_case(case: BratsCase, channels: Sequence[str] = CHANNELS) -> tuple[np.n
                              f"{arrays[0].shape} at {spacing} mm: the sequences must be co-registered")
         arrays.append(a.astype(np.float32))
         spacing = s
+    if spacing is None:
+        raise ValueError("channels: expected at least one sequence role")
     image = normalize_nonzero(np.stack(arrays))  # the pipeline's own step 6
     label = None
     if case.label is not None:
@@ -237,6 +244,16 @@ def load_case(case: BratsCase, channels: Sequence[str] = CHANNELS) -> tuple[np.n
         lab = lab.astype(np.uint8)
         lab[lab == 3] = 4  # BraTS 2023 numbers ET 3
         label = lab
+    return image, label, spacing
+
+
+def _load_labelled(
+    case: BratsCase, channels: Sequence[str] = CHANNELS
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """:func:`load_case` of a case that has a label file (ValueError if not)."""
+    image, label, spacing = load_case(case, channels)
+    if label is None:
+        raise ValueError(f"case {case.case_id}: no label file")
     return image, label, spacing
 
 
@@ -439,7 +456,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
         torch.set_num_threads(config.threads)
     set_determinism(seed=config.seed)
     rng = np.random.default_rng(config.seed)
-    axes = "xyz"
+    axes: ArrayAxes = "xyz"
     net_spacing = (config.spacing_mm,) * 3
     out = Path(config.out_dir)
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else Path(tempfile.mkdtemp(prefix="brats-ckpt-"))
@@ -469,7 +486,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
         mode = "cases"
         split_members = _split_cases([c.case_id for c in cases], config)
         by_id = {c.case_id: c for c in cases}
-        train_items = [{"case": by_id[i], "block": None} for i in split_members["train"]]
+        train_items: list[dict[str, Any]] = [{"case": by_id[i], "block": None} for i in split_members["train"]]
         val_cases = [by_id[i] for i in split_members["val"]]
         test_cases = [by_id[i] for i in split_members["test"]]
         split_method = (f"by case, seeded permutation (seed {config.seed}): test {config.test_fraction:.0%}, "
@@ -478,7 +495,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
         mode = "slab"
         train_items = []
         for c in cases:
-            image, label, spacing = load_case(c)
+            image, label, spacing = _load_labelled(c)
             slab = _place_slab(label, spacing[2], config)
             slabs[c.case_id] = slab
             for a, b in slab.train_ranges(label.shape[2]):
@@ -496,7 +513,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
 
     def load_item(item: dict) -> dict:
         c, block = item["case"], item["block"]
-        image, label, spacing = load_case(c)
+        image, label, spacing = _load_labelled(c)
         if block is not None:
             a, b = block
             image, label = image[..., a:b], label[..., a:b]
@@ -533,7 +550,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
     val_data = [dataset[i] for i in range(len(train_items))] if mode == "slab" else None
     val_items = [{"case": c, "block": None} for c in val_cases[:8]]
 
-    params = {"in_channels": len(CHANNELS), "out_channels": 3, "init_filters": config.init_filters,
+    params: dict[str, Any] = {"in_channels": len(CHANNELS), "out_channels": 3, "init_filters": config.init_filters,
               "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": config.dropout_prob}
     model = build_segresnet(**params)
     dice_loss = DiceLoss(smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True, sigmoid=True, batch=True)
@@ -549,7 +566,7 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
         Dice would be 0 or 1); case mode: mean of per-case Dice (the BraTS convention)."""
         model.eval()
         names = ("TC", "WT", "ET")
-        per_item = {k: [] for k in names}
+        per_item: dict[str, list[float]] = {k: [] for k in names}
         inter, total = np.zeros(3), np.zeros(3)
         items = val_data if val_data is not None else [load_item(it) for it in val_items]
         with torch.inference_mode():
@@ -602,9 +619,9 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
         lr = config.lr * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
-        b = batch()
+        drawn = batch()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(b["image"]), b["label"])
+        loss = loss_fn(model(drawn["image"]), drawn["label"])
         loss.backward()
         opt.step()
         step += 1
@@ -665,7 +682,7 @@ def _evaluate(runner: BrainTumourModel, cases: list[BratsCase], slabs: dict[str,
                                              "full": {k: [] for k in ("TC", "WT", "ET")}}
     counts: dict[str, int] = {}
     for c in cases:
-        image, label, spacing = load_case(c, runner.channels)
+        image, label, spacing = _load_labelled(c, runner.channels)
         pred = runner.predict(image, spacing_mm=spacing)
         truth = region_masks(label, pred.regions)
         found = pred.region_masks()
@@ -803,8 +820,16 @@ def _demo_card(config: TrainConfig, params: dict, sha: str, weights_path: Path, 
 
 
 def render_card_markdown(card: ModelCard) -> str:
-    """A short human-readable model card generated from a segmentation JSON card."""
+    """A short human-readable model card generated from a segmentation JSON card.
+
+    Raises
+    ------
+    ValueError
+        The card has no ``volume_input`` or ``segmentation`` (not a segmentation card).
+    """
     vin, seg = card.volume_input, card.segmentation
+    if vin is None or seg is None:
+        raise ValueError(f"card {card.name!r}: no volume_input or segmentation; expected a segmentation card")
     model = [
         f"- Architecture: `{card.architecture.name}` {card.architecture.params}; weights `{card.weights.path}` "
         f"({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",

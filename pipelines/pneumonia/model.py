@@ -113,6 +113,8 @@ class PneumoniaModel:
         card = registry.card(name)
         if card.task != "classification":
             raise ValueError(f"model {name!r}: task is {card.task!r}, expected 'classification'")
+        if card.input is None or card.output is None:  # ModelCard requires both for "classification"
+            raise ValueError(f"model {name!r}: the card has no input or output")
         if card.output.activation != "sigmoid":
             raise ValueError(f"model {name!r}: output.activation is {card.output.activation!r}, expected 'sigmoid'")
         cam_layer = registry.cam_layer(name)
@@ -168,6 +170,7 @@ class PneumoniaModel:
                 x.requires_grad_(True)
                 cam_map = self._cam(x, class_idx=self.target_index)  # (1, 1, H, W)
                 logits = self._cam.nn_module.score  # the class score MONAI back-propagated
+                assert logits is not None  # set by the call above
                 logit = float(logits.detach().reshape(-1)[0])
                 cam_model = cam_map[0, 0].detach().float().cpu().numpy()
             else:

@@ -169,6 +169,7 @@ class PneumoniaPipeline:
             except ValueError as exc:
                 raise PipelineInputError(f"image {ds.SOPInstanceUID}: {exc}") from exc
             prediction = self.model.predict(source, cam=True)
+            assert prediction.cam is not None  # asked for
             timings["inference"] = timings.get("inference", 0.0) + time.perf_counter() - t
             for note in prediction.notes:
                 if log:

@@ -30,7 +30,7 @@ Notes (why a step was skipped, which VOI was used, ...) are collected in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,18 +115,19 @@ class SourceImage:
             )
 
 
-def _check_spacing(values, keyword: str) -> tuple[tuple[float, float] | None, str | None]:
+def _check_spacing(values, keyword: str) -> tuple[float, float] | str:
+    """The (row, column) spacing in mm, or why ``values`` is not usable."""
     try:
         spacing = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        return None, f"{keyword} {values!r} is not numeric"
+        return f"{keyword} {values!r} is not numeric"
     if len(spacing) != 2:
-        return None, f"{keyword} has {len(spacing)} values, expected 2"
+        return f"{keyword} has {len(spacing)} values, expected 2"
     if not all(math.isfinite(s) for s in spacing):
-        return None, f"{keyword} {spacing} is not finite"
+        return f"{keyword} {spacing} is not finite"
     if not all(s > 0 for s in spacing):
-        return None, f"{keyword} {spacing} is zero or negative"
-    return (spacing[0], spacing[1]), None
+        return f"{keyword} {spacing} is zero or negative"
+    return (spacing[0], spacing[1])
 
 
 def read_pixel_spacing(ds: Dataset) -> PixelSpacing:
@@ -150,10 +151,10 @@ def read_pixel_spacing(ds: Dataset) -> PixelSpacing:
             continue
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             value = [value]
-        spacing, why = _check_spacing(value, keyword)
-        if spacing is not None:
-            return PixelSpacing(spacing, keyword, "; ".join(reasons) or None)
-        reasons.append(why)
+        checked = _check_spacing(value, keyword)
+        if isinstance(checked, tuple):
+            return PixelSpacing(checked, keyword, "; ".join(reasons) or None)
+        reasons.append(checked)
     return PixelSpacing(None, None, "; ".join(reasons))
 
 
@@ -322,7 +323,7 @@ class Geometry:
 
     @classmethod
     def identity(cls, shape: tuple[int, int]) -> Geometry:
-        return cls(tuple(shape), tuple(shape), np.eye(3))
+        return cls(shape, shape, np.eye(3))
 
     def then(self, matrix: np.ndarray, shape: tuple[int, int]) -> Geometry:
         """Compose a further step ``current -> new`` of output ``shape``."""
@@ -555,7 +556,7 @@ class CxrPreprocessor:
         if not isinstance(spec, InputSpec):
             raise ValueError(f"spec must be an InputSpec, got {type(spec).__name__}")
         self.spec = spec
-        steps = []
+        steps: list[Callable[[CxrImage], CxrImage]] = []
         if spec.isotropic_resampling:
             steps.append(ResampleIsotropic())
         if spec.pad_to_square:

@@ -230,7 +230,8 @@ def read_labels(data_dir: Path, limit: int | None = None) -> _Records:
 
 
 def split_by_patient(
-    patient_ids: Sequence[str], positive: Sequence[bool], test_fraction: float, val_fraction: float, seed: int
+    patient_ids: Sequence[str], positive: Sequence[bool] | np.ndarray, test_fraction: float, val_fraction: float,
+    seed: int,
 ) -> dict[str, list[str]]:
     """Split patients into ``train``/``val``/``test``, stratified on whether a
     patient has any positive image (scikit-learn ``train_test_split``).
@@ -239,7 +240,7 @@ def split_by_patient(
     """
     patients = sorted(set(patient_ids))
     pos = {p: False for p in patients}
-    for p, y in zip(patient_ids, positive):
+    for p, y in zip(patient_ids, positive, strict=True):
         pos[p] = pos[p] or bool(y)
     strat = [pos[p] for p in patients]
     rest, test = train_test_split(patients, test_size=test_fraction, stratify=strat, random_state=seed)
@@ -279,8 +280,7 @@ def bootstrap_ci(
     -------
     ``(low, high, n_valid_resamples)``.
     """
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     rng = np.random.default_rng(seed)
     values = []
@@ -512,6 +512,8 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
                 if since >= config.patience:
                     log.info("stage %d: early stop, no gain in %s for %d epochs", number, key, since)
                     break
+        if best_state is None or best is None:  # max_epochs 0 and no start state
+            raise ValueError(f"stage {number}: no epoch ran and no state to start from")
         model.load_state_dict(best_state)
         return best_state, best
 
@@ -522,7 +524,6 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
     else:
         best2 = {**validate(), "epoch": 0}
     log.info("stage 2 best: %s", best2)
-    train_time = time.monotonic() - t_start
 
     # Final evaluation: operating point on validation, then the test split once.
     p_val = _predict(model, images[idx["val"]], pre)[:, PNEUMONIA_INDEX]
@@ -658,20 +659,30 @@ def _versions() -> dict[str, str]:
     import skimage
     import sklearn
 
-    return {"scikit-learn": sklearn.__version__, "scikit-image": skimage.__version__}
+    # skimage's lazy-loading stub (__init__.pyi) does not declare __version__.
+    return {"scikit-learn": sklearn.__version__, "scikit-image": skimage.__version__}  # type: ignore[attr-defined]
 
 
 def render_card_markdown(card: ModelCard) -> str:
-    """A short human-readable model card generated from the JSON card."""
+    """A short human-readable model card generated from the JSON card.
+
+    Raises
+    ------
+    ValueError
+        The card has no ``input`` or ``output`` (not a classification card).
+    """
+    inp, out = card.input, card.output
+    if inp is None or out is None:
+        raise ValueError(f"card {card.name!r}: no input or output; expected a classification card")
     model = [
         f"- Architecture: `{card.architecture.name}` {card.architecture.params}, weights "
         f"`{card.weights.path}` ({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",
-        f"- Input: {card.input.size[0]}x{card.input.size[1]}, {card.input.channels} channel, modalities "
-        f"{', '.join(card.input.modalities)}; isotropic resampling {card.input.isotropic_resampling}, pad to square "
-        f"{card.input.pad_to_square}, CLAHE {card.input.clahe} (clip {card.input.clahe_clip_limit}), intensity "
-        f"{card.input.intensity_range}.",
-        f"- Output: sigmoid probability of `{card.output.target}` (output {card.output.target_index}), "
-        f"op_norm {card.output.op_norm}.",
+        f"- Input: {inp.size[0]}x{inp.size[1]}, {inp.channels} channel, modalities "
+        f"{', '.join(inp.modalities)}; isotropic resampling {inp.isotropic_resampling}, pad to square "
+        f"{inp.pad_to_square}, CLAHE {inp.clahe} (clip {inp.clahe_clip_limit}), intensity "
+        f"{inp.intensity_range}.",
+        f"- Output: sigmoid probability of `{out.target}` (output {out.target_index}), "
+        f"op_norm {out.op_norm}.",
     ]
     if card.operating_point:
         op = card.operating_point
