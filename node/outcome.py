@@ -1,4 +1,4 @@
-"""Outcomes of C-STORE, C-ECHO, STOW-RS and A-ASSOCIATE: success, transient, permanent.
+"""Outcomes of C-STORE, C-ECHO, STOW-RS, A-ASSOCIATE and file writes: success, transient, permanent.
 
 The one place that decides whether a failure is worth another try. Dispatch
 retries a transient failure with backoff and fails a permanent one at once;
@@ -7,6 +7,7 @@ retries a transient failure with backoff and fails a permanent one at once;
 - DIMSE statuses: PS3.7 Annex C (general) and PS3.4 B.2.3 (Storage), with
   pynetdicom's categories (:func:`pynetdicom.status.code_to_category`).
 - HTTP statuses: RFC 9110 section 15, as PS3.18 10.5.3 uses them for STOW-RS.
+- File system errors (``folder`` destinations): POSIX errno values.
 - Associations: PS3.8 7.1.1.9 (A-ASSOCIATE-RJ Result) and 9.3.4; the TCP
   failures pynetdicom hides (it logs them and reports an abort) are found
   again by :class:`AssociationWatch`.
@@ -14,6 +15,7 @@ retries a transient failure with backoff and fails a permanent one at once;
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import time
@@ -37,6 +39,36 @@ class OutcomeClass(StrEnum):
     SUCCESS = "success"  # stored (warnings included: the peer kept the instance)
     TRANSIENT = "transient"  # another try, later, may succeed
     PERMANENT = "permanent"  # no retry can succeed without a change at either end
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What sending one file (or one C-ECHO or other check) came to.
+
+    ``category`` says whether to try again; ``status`` is what the peer
+    answered, as recorded in ``delivery_attempts`` ("0x0000" DIMSE, "200"
+    HTTP, "ENOSPC" for a file system error), None where nothing was
+    answered; ``text`` says what happened, in words, for a success as for a
+    failure.
+    """
+
+    category: OutcomeClass
+    status: str | None = None
+    text: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.category == OutcomeClass.SUCCESS
+
+    @property
+    def permanent(self) -> bool:
+        """No retry can succeed: the delivery fails at its first attempt."""
+        return self.category == OutcomeClass.PERMANENT
+
+    @property
+    def error(self) -> str | None:
+        """``text`` of a failure; None for a success."""
+        return None if self.ok else self.text
 
 
 #: Failure statuses that another try may cure: the peer's own resources or
@@ -110,6 +142,31 @@ def classify_http(code: int) -> OutcomeClass:
     if 500 <= code < 600:
         return OutcomeClass.PERMANENT if code in _PERMANENT_HTTP_5XX else OutcomeClass.TRANSIENT
     return OutcomeClass.PERMANENT if 300 <= code < 400 else OutcomeClass.TRANSIENT
+
+
+#: errno values of a failed file write that no retry cures: the folder's
+#: permissions or mount must change first (EACCES, EPERM, EROFS), or the path
+#: or file cannot be there at all (ENOTDIR, EISDIR, ENAMETOOLONG, ELOOP, EFBIG,
+#: EINVAL).
+_PERMANENT_ERRNO = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP,
+     errno.EFBIG, errno.EINVAL}
+)
+
+
+def classify_os_error(exc: OSError) -> OutcomeClass:
+    """Classify a failed write to a file system (a ``folder`` destination).
+
+    ENOSPC and EDQUOT (space or quota can be freed: retention, an operator)
+    are transient, as are EIO, ESTALE, ENOTCONN, ETIMEDOUT (a network share
+    or a drive that may come back) and any errno not named here: the retries
+    are bounded. EACCES, EPERM and EROFS are permanent: another try is
+    refused the same way until someone changes the permissions or the mount
+    (then ``ainode deliveries resend``); so are ENOTDIR, EISDIR,
+    ENAMETOOLONG, ELOOP, EFBIG and EINVAL. Errno values: POSIX
+    (``<errno.h>``), as Python's :mod:`errno` names them.
+    """
+    return OutcomeClass.PERMANENT if exc.errno in _PERMANENT_ERRNO else OutcomeClass.TRANSIENT
 
 
 def classify_association(result: int | None, source: int | None = None) -> OutcomeClass:

@@ -17,22 +17,13 @@ from typer.testing import CliRunner
 
 from node.api import Scope, requires
 from node.cli import app as cli_app
-from node.config import ConfigError, DicomWebDestination, load_config
-from node.dispatch import StowSender
+from node.config import ConfigError, load_config
+from node.destinations.dicomweb import DicomWebDestination, StowSender
 from node.service import Node
 from tests.certs import make_pki, write_encrypted_key
-from tests.peers import NodeProcess, free_port
+from tests.peers import NodeProcess, free_port, node_config_for, node_sections, write_node_toml
 
 SECRET_MASK = "**********"
-
-
-def storage(folder: Path) -> dict:
-    return {
-        "spool_dir": str(folder / "spool"),
-        "quarantine_dir": str(folder / "quarantine"),
-        "outbox_dir": str(folder / "outbox"),
-        "index_url": f"sqlite:///{folder / 'index.db'}",
-    }
 
 
 @pytest.fixture
@@ -41,11 +32,9 @@ def start_node(tmp_path):
     nodes: list[Node] = []
 
     def start(**api) -> Node:
-        folder = tmp_path / f"node{len(nodes)}"
-        cfg = load_config(
-            None,
+        cfg = node_config_for(
+            tmp_path / f"node{len(nodes)}",
             node={"bind_address": "127.0.0.1", "port": free_port()},
-            storage=storage(folder),
             api={"bind_address": "127.0.0.1", "port": 0} | api,
         )
         node = Node(cfg)
@@ -201,22 +190,10 @@ def test_refusals_are_logged_with_the_address_never_the_token(tmp_path):
     reader, ingester, stranger = (secrets.token_urlsafe(32) for _ in range(3))
     (tmp_path / "ingester.token").write_text(ingester)
     api_port = free_port()
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-bind_address = "127.0.0.1"
-port = {free_port()}
-
-[storage]
-spool_dir = "{tmp_path}/spool"
-quarantine_dir = "{tmp_path}/quarantine"
-outbox_dir = "{tmp_path}/outbox"
-index_url = "sqlite:///{tmp_path}/index.db"
-
-[api]
-bind_address = "127.0.0.1"
-port = {api_port}
-
+    sections = node_sections(
+        tmp_path, node={"bind_address": "127.0.0.1", "port": free_port()}, api={"bind_address": "127.0.0.1", "port": api_port}
+    )
+    config = write_node_toml(tmp_path / "node.toml", sections, f"""
 [[api.tokens]]
 name = "grafana"
 scopes = ["read"]
@@ -254,11 +231,7 @@ def test_config_check_never_prints_a_secret(tmp_path, pki):
     password, token, key_password = "pacs-password-" + secrets.token_hex(8), secrets.token_urlsafe(24), "key-" + secrets.token_hex(8)
     (tmp_path / "pacs2.password").write_text(password + "-2\n")
     key = write_encrypted_key(pki.server_key, tmp_path / "server-encrypted.key", key_password)
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[storage]
-index_url = "sqlite:///{tmp_path}/index.db"
-
+    config = write_node_toml(tmp_path / "node.toml", node_sections(tmp_path), f"""
 [destinations.pacs]
 kind = "dicomweb"
 url = "https://pacs.example/dicom-web"

@@ -23,8 +23,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from node.config import ConfigError, DestinationTls, DicomDestination, load_config
-from node.dispatch import DicomSender
+from node.config import ConfigError, load_config
+from node.destinations import DestinationContext
+from node.destinations.dicom import DestinationTls, DicomDestination, DicomSender
 from node.tls import client_context, peer_tls_info
 from tests.certs import Pki, make_pki, write_encrypted_key
 from tests.peers import DeployedOrthanc, Orthanc, free_port, require_orthanc, wait_for
@@ -152,7 +153,7 @@ def test_optional_client_certificate(tmp_path, pki):
     receiver, index, _ = make_receiver(tmp_path, plain=False, tls=node_tls(pki, ca=None, require_client_certificate=False))
     try:
         with pytest.raises(RuntimeError, match="plain DICOM is off"):
-            receiver.address
+            _ = receiver.address
         assoc = tls_associate(receiver.tls_address, client_tls(pki, cert=None))
         assert assoc.is_established
         assert peer_tls_info(receiver.ae.active_associations[0]) == (True, None)
@@ -220,14 +221,14 @@ def test_sender_refuses_a_server_it_does_not_trust(tls_scp, pki, rg1_uncr, tmp_p
     host, port = receiver.tls_address
     dest = DicomDestination(kind="dicom", ae_title="AINODE", host=host, port=port, timeout_seconds=5,
                             tls={"ca": str(pki.other_ca), "certificate": str(pki.client_cert), "key": str(pki.client_key)})
-    [outcome] = DicomSender(dest, "RESULTS").send([rg1_uncr])
+    [outcome] = DicomSender(dest, DestinationContext(calling_ae="RESULTS")).send([rg1_uncr])
     assert not outcome.ok and "TLS" in outcome.error
     # The name checked is the host's: "localhost" is in the server's SAN, "127.0.0.2" is not.
     good = DicomDestination(kind="dicom", ae_title="AINODE", host=host, port=port, timeout_seconds=5,
                             tls={"ca": str(pki.ca), "certificate": str(pki.client_cert), "key": str(pki.client_key)})
-    assert DicomSender(good, "RESULTS").send([rg1_uncr])[0].ok
+    assert DicomSender(good, DestinationContext(calling_ae="RESULTS")).send([rg1_uncr])[0].ok
     wrong_name = good.model_copy(update={"tls": good.tls.model_copy(update={"server_hostname": "pacs.example.org"})})
-    assert not DicomSender(wrong_name, "RESULTS").send([rg1_uncr])[0].ok
+    assert not DicomSender(wrong_name, DestinationContext(calling_ae="RESULTS")).send([rg1_uncr])[0].ok
 
 
 # --- real peers: dcmtk and Orthanc -------------------------------------------------------------
@@ -242,7 +243,8 @@ def test_storescu_over_tls_is_stored(tls_scp, pki, rg1_uncr, dcmtk):
     receiver, index, _ = tls_scp
     host, port = receiver.tls_address
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = ["storescu", *_tls_flags(pki.client_key, pki.client_cert, pki.ca), "-aet", "MODALITY", "-aec", "AINODE", host, str(port), str(rg1_uncr)]
+    cmd = ["storescu", *_tls_flags(pki.client_key, pki.client_cert, pki.ca), "-aet", "MODALITY", "-aec", "AINODE"]
+    cmd += [host, str(port), str(rg1_uncr)]
     sent = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert index.counts()["instances"]["total"] == 1
@@ -267,7 +269,7 @@ def test_sender_delivers_to_storescp_over_tls(tmp_path, pki, rg1_uncr, dcmtk):
         wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, 10, what="storescp")
         dest = DicomDestination(kind="dicom", ae_title="PACS", host="127.0.0.1", port=port, timeout_seconds=10,
                                 tls={"ca": str(pki.ca), "certificate": str(pki.client_cert), "key": str(pki.client_key)})
-        [outcome] = DicomSender(dest, "AINODE").send([rg1_uncr])
+        [outcome] = DicomSender(dest, DestinationContext(calling_ae="AINODE")).send([rg1_uncr])
         assert outcome.ok and outcome.status == "0x0000", outcome
         [stored] = wait_for(lambda: list(out.iterdir()), 5, what="file from storescp")
         assert pydicom.dcmread(stored).SOPInstanceUID == pydicom.dcmread(rg1_uncr).SOPInstanceUID
@@ -297,7 +299,7 @@ def test_orthanc_over_tls_both_ways(tls_scp, pki, rg1_uncr, tmp_path):
         # Our SCU -> Orthanc's TLS DicomPort, with our client certificate.
         dest = DicomDestination(kind="dicom", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port, timeout_seconds=10,
                                 tls={"ca": str(pki.ca), "certificate": str(pki.client_cert), "key": str(pki.client_key)})
-        [outcome] = DicomSender(dest, "AINODE").send([rg1_uncr])
+        [outcome] = DicomSender(dest, DestinationContext(calling_ae="AINODE")).send([rg1_uncr])
         assert outcome.ok, outcome
         src = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
         [instance] = pacs.study_instances(src.StudyInstanceUID)
