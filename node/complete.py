@@ -32,7 +32,8 @@ import threading
 import structlog
 
 from node.config import CompletionSection
-from node.index import Index, utcnow
+from node.index import AssemblyState, Index, JobState, SeriesState, utcnow
+from node.metrics import Metrics, since
 from node.route import Router
 from node.spool import Spool
 
@@ -48,13 +49,20 @@ class CompletionSweep:
         State to read and update; the spool for retention clean-up.
     router:
         The route step: complete series and studies are handed to it.
+    metrics:
+        The node's :class:`node.metrics.Metrics`; None: a private one.
+        Each job routing queues is one observation of
+        ``ainode_latency_to_complete_seconds`` for its pipeline.
     """
 
-    def __init__(self, settings: CompletionSection, index: Index, spool: Spool, router: Router):
+    def __init__(
+        self, settings: CompletionSection, index: Index, spool: Spool, router: Router, *, metrics: Metrics | None = None
+    ):
         self.settings = settings
         self.index = index
         self.spool = spool
         self.router = router
+        self.metrics = metrics if metrics is not None else Metrics()
         self.log = structlog.get_logger("node.complete")
         self._lock = threading.Lock()  # one sweep at a time, scheduled or triggered
 
@@ -77,7 +85,7 @@ class CompletionSweep:
                 why = "association released" if info.released and idle < limit else f"idle {idle:.1f} s"
                 if stow:
                     why += " (STOW-RS)"
-                if self.index.set_series_state(series_uid, "complete", why, expect="receiving"):
+                if self.index.set_series_state(series_uid, SeriesState.COMPLETE, why, expect=SeriesState.RECEIVING):
                     self.log.info(
                         "series_complete",
                         study_uid=info.study_uid,
@@ -87,7 +95,7 @@ class CompletionSweep:
                     )
                     done.append(series_uid)
                     try:
-                        self.router.route_series(series_uid)
+                        self._observe_complete(self.router.route_series(series_uid))
                     except Exception:
                         # The series stays 'complete'; routing is retried on restart.
                         self.log.exception("route_failed", series_uid=series_uid)
@@ -96,11 +104,13 @@ class CompletionSweep:
         return done
 
     def _complete_studies(self, now: dt.datetime) -> None:
-        for assembly in self.index.assemblies("receiving"):
+        for assembly in self.index.assemblies(AssemblyState.RECEIVING):
             study_uid, route = assembly.study_uid, assembly.route
             rule = self.router.study_routes.get(route)
             if rule is None:
-                self.index.set_assembly_state(study_uid, route, "failed", f"route {route!r} is no longer configured")
+                self.index.set_assembly_state(
+                    study_uid, route, AssemblyState.FAILED, f"route {route!r} is no longer configured"
+                )
                 continue
             by_role, receiving = self.router.candidates(study_uid, rule)
             missing = [role for role, found in by_role.items() if not found]
@@ -108,10 +118,12 @@ class CompletionSweep:
             assert study is not None  # an assembly is only made for a study the index holds
             idle = (now - study.last_received_at).total_seconds()
             if not missing and not receiving and idle >= self.settings.study_idle_seconds:
-                self.index.set_assembly_state(study_uid, route, "complete", f"all of {', '.join(by_role)} complete")
+                self.index.set_assembly_state(
+                    study_uid, route, AssemblyState.COMPLETE, f"all of {', '.join(by_role)} complete"
+                )
                 self.log.info("study_complete", study_uid=study_uid, route=route, idle_seconds=round(idle, 1))
                 try:
-                    self.router.queue_study(study_uid, route)
+                    self._observe_complete([self.router.queue_study(study_uid, route)])
                 except Exception:
                     self.log.exception("route_failed", study_uid=study_uid, route=route)
             elif idle >= self.settings.force_complete_seconds:
@@ -124,9 +136,21 @@ class CompletionSweep:
                     reason += f"; {len(receiving)} series still arriving"
                 self.router.fail_study(study_uid, route, reason)
 
+    def _observe_complete(self, job_ids: list[int]) -> None:
+        """Seconds from each new job's last input instance to its queueing,
+        per pipeline (the pipeline is known once routed, so observed here).
+        A study failed at once (a role no series fills) is not observed."""
+        for job_id in job_ids:
+            job = self.index.job(job_id)
+            if job is None or (job.state == JobState.FAILED and job.started_at is None):
+                continue
+            seconds = since(job.trigger_received_at, job.created_at)
+            if seconds is not None:
+                self.metrics.latency_complete.labels(pipeline=job.pipeline).observe(seconds)
+
     def _purge_unmatched(self, now: dt.datetime) -> None:
         cutoff = now - dt.timedelta(hours=self.settings.unmatched_retention_hours)
-        for series in self.index.series_in_state("unmatched", older_than=cutoff):
+        for series in self.index.series_in_state(SeriesState.UNMATCHED, older_than=cutoff):
             removed = self.spool.remove_series(series.study_uid, series.series_uid)
             self.index.purge_series(series.series_uid, f"unmatched for {self.settings.unmatched_retention_hours} h")
             self.log.info("series_purged", study_uid=series.study_uid, series_uid=series.series_uid, files=removed)

@@ -29,6 +29,8 @@ from node.config import NodeConfig, RetryPolicy
 from node.destinations import DestinationContext, DestinationKind
 from node.destinations.registry import registry as destination_registry
 from node.index import DeliveryState, DeliveryView, Index, utcnow
+from node.metrics import Metrics, since
+from node.notify import Notifier
 from node.outcome import Outcome, OutcomeClass
 
 
@@ -46,19 +48,27 @@ class Dispatcher:
     config, index:
         The node's configuration and state.
     metrics:
-        A :class:`node.api.Metrics`, or None.
+        The node's :class:`node.metrics.Metrics`; None: a private one.
+    notifier:
+        The node's :class:`node.notify.Notifier` (``delivery.failed``); None: none.
     batch_size:
         Deliveries sent per association or STOW-RS request.
     """
 
-    def __init__(self, config: NodeConfig, index: Index, *, metrics=None, batch_size: int = 50):
+    def __init__(
+        self, config: NodeConfig, index: Index, *, metrics: Metrics | None = None, notifier: Notifier | None = None,
+        batch_size: int = 50,
+    ):
         self.config = config
         self.index = index
-        self.metrics = metrics
+        self.notifier = notifier or Notifier()  # delivery.failed events (node.notify)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.batch_size = batch_size
         self.log = structlog.get_logger("node.dispatch")
         self._stop = threading.Event()
-        self._wake = {name: threading.Event() for name in config.destinations}
+        # Destinations of results only: a notification kind (webhook) has its own thread in node.notify.
+        kinds = destination_registry()
+        self._wake = {n: threading.Event() for n, d in config.destinations.items() if kinds.kind(d.kind).carries_results}
         self._threads: list[threading.Thread] = []
         self._rng = random.Random()
 
@@ -67,7 +77,7 @@ class Dispatcher:
             ev.set()
 
     def start(self) -> None:
-        for name in self.config.destinations:
+        for name in self._wake:
             t = threading.Thread(target=self._loop, args=(name,), name=f"dispatch-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -83,6 +93,10 @@ class Dispatcher:
         sender = sender_for(self.config, name)
         wake = self._wake[name]
         while not self._stop.is_set():
+            if self._paused(name):  # an operator's pause (node/actions.py): deliveries stay pending
+                wake.wait(1.0)
+                wake.clear()
+                continue
             try:
                 sent = self.deliver_due(name, sender)
             except Exception:
@@ -94,6 +108,16 @@ class Dispatcher:
             wait = 1.0 if nxt is None else min(1.0, max(0.0, (nxt - utcnow()).total_seconds()))
             wake.wait(wait)
             wake.clear()
+
+    def alive(self) -> tuple[int, int]:
+        """(threads alive, threads expected): one per destination once started."""
+        return sum(t.is_alive() for t in self._threads), len(self.config.destinations)
+
+    def _paused(self, name: str) -> bool:
+        try:
+            return self.index.destination_paused(name)
+        except Exception:  # the index is down: deliver_due will log it
+            return False
 
     def deliver_due(self, name: str, sender) -> int:
         """Send what is due for ``name`` now; returns how many were tried."""
@@ -130,7 +154,18 @@ class Dispatcher:
             log.info("delivered", attempt=attempt, status=outcome.status)
         elif state == DeliveryState.FAILED:
             log.error("delivery_failed", attempt=attempt, error=error, permanent=outcome.permanent)
+            self.notifier.delivery_failed(name, d, attempt, error)
         else:
             log.warning("delivery_retry", attempt=attempt, error=error, next_attempt_at=str(next_at))
-        if self.metrics:
-            self.metrics.deliveries.labels(destination=name, outcome=DeliveryState.DELIVERED if outcome.ok else state).inc()
+        self.metrics.deliveries.labels(destination=name, outcome=DeliveryState.DELIVERED if outcome.ok else state).inc()
+        if state == DeliveryState.DELIVERED:
+            self._observe_delivered(name, d)
+
+    def _observe_delivered(self, name: str, d: DeliveryView) -> None:
+        """One ``ainode_latency_to_delivered_seconds`` observation per
+        delivery (one result object to one destination) that reached
+        ``delivered`` now: seconds from its job's last input instance."""
+        job = self.index.job(d.job_id)
+        seconds = since(job.trigger_received_at, utcnow()) if job is not None else None
+        if job is not None and seconds is not None:
+            self.metrics.latency_delivered.labels(pipeline=job.pipeline, destination=name).observe(seconds)

@@ -23,7 +23,7 @@ import structlog
 from pydicom import Dataset
 
 from node.config import MatchValue, NumericRange, Presence, RouteRule
-from node.index import Index, Series
+from node.index import AssemblyState, Index, Series, SeriesState
 from node.spool import read_header
 
 
@@ -225,6 +225,10 @@ def assign_roles(
     return {role: roles[role] for role in required_roles if role in roles}, decisions
 
 
+#: Series states that never fill a role: gone, unrouted, roleless, or not yet routed.
+_NOT_CANDIDATES = (SeriesState.PURGED, SeriesState.UNMATCHED, SeriesState.UNUSED, SeriesState.COMPLETE)
+
+
 class Router:
     """Turns complete series into queued jobs, and complete studies into
     study-level jobs.
@@ -282,10 +286,12 @@ class Router:
             if self.on_queued:
                 self.on_queued()
         elif enrolled is not None:
-            state = "assigned" if enrolled else "unused"
-            self.index.set_series_state(series_uid, state, "study-level rule", expect="complete")
+            state = SeriesState.ASSIGNED if enrolled else SeriesState.UNUSED
+            self.index.set_series_state(series_uid, state, "study-level rule", expect=SeriesState.COMPLETE)
         else:
-            self.index.set_series_state(series_uid, "unmatched", "no routing rule matched", expect="complete")
+            self.index.set_series_state(
+                series_uid, SeriesState.UNMATCHED, "no routing rule matched", expect=SeriesState.COMPLETE
+            )
             log.info(
                 "series_unmatched",
                 modality=_show(header, "Modality"),
@@ -316,9 +322,9 @@ class Router:
         by_role: dict[str, list[SeriesCandidate]] = {role: [] for role in rule.required_roles}
         receiving = []
         for series in self.index.study_series(study_uid):
-            if series.state == "receiving":
+            if series.state == SeriesState.RECEIVING:
                 receiving.append(series)
-            elif series.role in by_role and series.state not in ("purged", "unmatched", "unused", "complete"):
+            elif series.role in by_role and series.state not in _NOT_CANDIDATES:
                 paths = self.index.instance_paths(series.series_uid)
                 if paths:
                     by_role[series.role].append(
@@ -372,6 +378,6 @@ class Router:
             destinations=rule.destinations,
             failed_reason=reason,
         )
-        self.index.set_assembly_state(study_uid, route, "failed", reason)
+        self.index.set_assembly_state(study_uid, route, AssemblyState.FAILED, reason)
         self.log.warning("study_incomplete", study_uid=study_uid, route=route, job_id=job_id, reason=reason)
         return job_id

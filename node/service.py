@@ -9,7 +9,8 @@ what a previous process left on disk, and starts the threads:
 - the retention clean-up (apscheduler, at start-up and every
   ``[retention] interval_minutes``; :mod:`node.retention`);
 - the job workers;
-- one dispatch thread per destination;
+- one dispatch thread per destination of results;
+- one notification thread per webhook destination (:mod:`node.notify`);
 - the HTTP API.
 
 Each step wakes the next directly, so a released association leads to a
@@ -29,8 +30,9 @@ from node.api import ApiServer, Metrics, create_app
 from node.complete import CompletionSweep
 from node.config import NodeConfig
 from node.dispatch import Dispatcher
-from node.index import Index, InstanceRecord
-from node.ingest import Ingest
+from node.index import AssemblyState, Index, InstanceRecord, SeriesState
+from node.ingest import Ingest, Status
+from node.notify import Notifier
 from node.receive import Receiver
 from node.route import Router
 from node.retention import Retention
@@ -48,13 +50,17 @@ class Node:
         self.metrics = Metrics()
         self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
         self.index = Index(st.index_url)
-        self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics)
-        self.runner = Runner(config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake)
+        self._declare_metrics()
+        self.notifier = Notifier(config)  # events to the webhook destinations (node.notify)
+        self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics, notifier=self.notifier)
+        self.runner = Runner(
+            config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake, notifier=self.notifier
+        )
         self.router = Router(config.routes, self.index, on_queued=self.runner.wake, sequences=config.sequences)
-        self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router)
+        self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router, metrics=self.metrics)
         self.retention = Retention(config.retention, self.index, self.spool)
         # The one ingest step of both sources: C-STORE (the receiver) and STOW-RS (the API).
-        free_space = FreeSpace(self.spool.spool_dir, st.min_free_mb, st.min_free_percent)
+        free_space = FreeSpace(self.spool.spool_dir, st.min_free_mb, st.min_free_percent, on_change=self.notifier.disk)
         self.ingest = Ingest(self.spool, self.index, free_space, metrics=self.metrics)
         self.receiver = Receiver(
             config, self.spool, self.index, metrics=self.metrics, on_release=self.trigger_sweep, ingest=self.ingest
@@ -65,6 +71,16 @@ class Node:
         if config.api.enabled:
             self.api = ApiServer(create_app(self), config.api)
         self._stopped = threading.Event()
+
+    def _declare_metrics(self) -> None:
+        """The configured pipelines' and destinations' series at 0, and the
+        scrape-time gauges (outbox depth, spool free bytes): :mod:`node.metrics`."""
+        routes: dict[str, list[str]] = {}
+        for rule in self.config.routes:
+            routes.setdefault(rule.pipeline, [])
+            routes[rule.pipeline] += [d for d in rule.destinations if d not in routes[rule.pipeline]]
+        self.metrics.declare(routes, [s.code for s in Status if s != Status.SUCCESS])
+        self.metrics.watch(self.index.pending_deliveries, self.config.destinations, self.spool.spool_dir)
 
     # -- recovery -------------------------------------------------------------------
 
@@ -95,10 +111,10 @@ class Node:
                 self.log.error("recover_instance_failed", path=str(path), error=repr(exc))
         requeued, failed = self.index.recover_jobs(self.config.worker.max_job_attempts)
         routed = 0
-        for series in self.index.series_in_state("complete"):
+        for series in self.index.series_in_state(SeriesState.COMPLETE):
             self.router.route_series(series.series_uid)
             routed += 1
-        for assembly in self.index.assemblies("complete"):  # complete, but its job was never queued
+        for assembly in self.index.assemblies(AssemblyState.COMPLETE):  # complete, but its job was never queued
             self.router.queue_study(assembly.study_uid, assembly.route)
             routed += 1
         summary = {
@@ -116,6 +132,7 @@ class Node:
 
     def start(self) -> None:
         self.recover()
+        self.notifier.start()
         self.dispatcher.start()
         self.runner.start()
         pipelines = sorted({r.pipeline for r in self.config.routes})
@@ -167,6 +184,7 @@ class Node:
             self.scheduler.shutdown(wait=True)
         self.runner.stop()
         self.dispatcher.stop()
+        self.notifier.stop()  # after the steps that emit: their last events still go out
         if self.api is not None:
             self.api.stop()
         self.index.close()

@@ -6,6 +6,7 @@ The PostgreSQL server is started by the ``postgres_url`` fixture
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -114,3 +115,63 @@ def test_resend_deliveries_selects_and_records(index, rg1_uncr, tmp_path):
     (t,) = [t for t in index.transitions("delivery", ids["b"]) if t.to_state == "pending"]
     assert (t.from_state, t.reason) == ("failed", "resend by me: PACS fixed")
     assert index.delivery(12345) is None
+
+
+def test_states_are_enums_and_every_change_has_its_row(index, rg1_uncr, tmp_path):
+    from node.index import DeliveryState, JobState, SeriesState
+
+    ds = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
+    uid = ds.SeriesInstanceUID
+    assert index.record_instance(_record(ds, tmp_path / "x.dcm"))
+    assert index.series_info(uid).state is SeriesState.RECEIVING
+    with pytest.raises(ValueError, match="not a valid SeriesState"):
+        index.set_series_state(uid, "finished")
+    with pytest.raises(ValueError, match="not a valid JobState"):
+        index.jobs(state="delivered")
+    assert index.set_series_state(uid, SeriesState.COMPLETE, "idle", expect=SeriesState.RECEIVING)
+    assert index.set_series_state(uid, SeriesState.COMPLETE, "again")  # no change, no row
+    job_id = index.create_job(
+        pipeline="p", route="r", level="series", study_uid=ds.StudyInstanceUID, series_uid=uid, destinations=["a"],
+    )
+    index.claim_job()
+    index.fail_job(job_id, "bad input")
+    assert index.job(job_id).state is JobState.FAILED
+    assert [(t.from_state, t.to_state) for t in index.transitions("job", job_id)] == [
+        (None, "queued"), ("queued", "running"), ("running", "failed"),
+    ]
+    assert [(t.from_state, t.to_state) for t in index.transitions("series", uid)] == [
+        (None, "receiving"), ("receiving", "complete"), ("complete", "queued"), ("queued", "running"), ("running", "failed"),
+    ]
+    # A new instance reopens the series, from the state it was in.
+    assert index.record_instance(replace(_record(ds, tmp_path / "y.dcm"), sop_instance_uid=ds.SOPInstanceUID + ".1"))
+    info = index.series_info(uid)
+    assert (info.state, info.instance_count) == (SeriesState.RECEIVING, 2)
+    last = index.transitions("series", uid)[-1]
+    assert (last.from_state, last.to_state, last.reason) == ("failed", "receiving", "new instance")
+    assert index.counts()["series"] == {"receiving": 1}
+    assert DeliveryState("pending") is DeliveryState.PENDING
+
+
+def test_concurrent_claims_take_each_job_once(index, rg1_uncr):
+    """Workers claiming at once (PostgreSQL runs them concurrently: FOR UPDATE SKIP LOCKED)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = pydicom.dcmread(rg1_uncr, stop_before_pixels=True)
+    ids = {
+        index.create_job(
+            pipeline="p", route="r", level="series", study_uid=ds.StudyInstanceUID, series_uid=None, destinations=[],
+        )
+        for _ in range(40)
+    }
+
+    def drain() -> list[int]:
+        got = []
+        while (job := index.claim_job()) is not None:
+            got.append(job.id)
+        return got
+
+    with ThreadPoolExecutor(8) as pool:
+        claimed = [i for got in pool.map(lambda _: drain(), range(8)) for i in got]
+    assert sorted(claimed) == sorted(ids)  # each exactly once
+    assert {index.job(i).attempts for i in ids} == {1}
+    assert all(len(index.transitions("job", i)) == 2 for i in ids)
