@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
+
+from node.cli.common import _config
 
 pipelines_app = typer.Typer(help="Pipelines this node can run: built-in and plug-ins.", no_args_is_help=True)
 
@@ -20,7 +23,7 @@ def _type_name(annotation: Any) -> str:
     return re.sub(r"\b(?:[a-z_]\w*\.)+(?=[A-Za-z_])", "", str(annotation))  # typing.Literal -> Literal
 
 
-def settings_fields(settings: type) -> list[dict[str, Any]]:
+def settings_fields(settings: type[BaseModel]) -> list[dict[str, Any]]:
     """Field, type, default and description of each field of a settings model."""
     out = []
     for name, info in settings.model_fields.items():
@@ -84,7 +87,6 @@ def orthanc_routing(
     """Print the "AinodeRouting" section deploy/orthanc/autoroute.lua reads,
     made from the [[routes]]: paste it into orthanc.json, or save it as a
     .json file of its own in Orthanc's configuration folder."""
-    from node.cli import _config
     from node.orthanc_routing import routing_section
 
     typer.echo(json.dumps(routing_section(_config(config), modality), indent=2))

@@ -1,0 +1,68 @@
+"""``[worker]``, ``[models]`` and ``[pipelines]`` (one table per registered
+pipeline, built from :mod:`pipelines.registry`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, create_model, field_validator, model_validator
+
+from node.config.base import _Section
+from pipelines.registry import Registry
+from pipelines.registry import registry as pipeline_registry
+
+
+class WorkerSection(_Section):
+    """``[worker]``: how jobs run."""
+
+    concurrency: int = Field(1, ge=1, le=64)
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+    max_job_attempts: int = Field(
+        3, ge=1, description="A job that was running when the node died this many times is failed."
+    )
+    torch_threads: int = Field(0, ge=0, description="0 leaves torch's default.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class ModelsSection(_Section):
+    """``[models]``: where model cards are found, besides the ones shipped in ``models/cards``."""
+
+    card_dirs: list[Path] = Field(default_factory=list)
+
+
+def pipelines_section(registry: Registry) -> type[_Section]:
+    """The ``[pipelines]`` model: one ``[pipelines.<name>]`` table per
+    registered pipeline, of its spec's settings model (all defaults when
+    absent). A table for an unregistered name is refused, naming the
+    registered ones."""
+
+    class _Pipelines(_Section):
+        @model_validator(mode="before")
+        @classmethod
+        def _registered(cls, data: Any) -> Any:
+            for name in data if isinstance(data, dict) else ():
+                if name not in cls.model_fields:
+                    raise ValueError(f"[pipelines.{name}]: {registry.unknown(name)}")
+            return data
+
+    fields: dict[str, Any] = {
+        name: (r.spec.settings, Field(default_factory=r.spec.settings, description=r.spec.description or None))
+        for name, r in registry.pipelines.items()
+    }
+    return create_model("PipelinesSection", __base__=_Pipelines, __doc__="``[pipelines]``: settings per pipeline.", **fields)
+
+
+#: Built from the pipelines registered when this module is imported (pipelines.registry);
+#: to a type checker, any section (its fields are known only at run time).
+if TYPE_CHECKING:
+    PipelinesSection = _Section
+else:
+    PipelinesSection = pipelines_section(pipeline_registry())
