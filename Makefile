@@ -2,14 +2,15 @@
 #   make run    set up everything, start a local Orthanc and the node
 #   make test   set up everything and run the whole test suite
 # Both install the Debian packages they need (orthanc, orthanc-dicomweb,
-# dcmtk, dicom3tools) with apt-get and create the virtual environment.
+# dcmtk, dicom3tools, prometheus for promtool) with apt-get and create the
+# virtual environment.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools
+APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools prometheus
 CONFIG ?= config/node.toml
 
 .PHONY: run test lint setup system-packages venv orthanc bench clean viewer viewer-deps browser-deps

@@ -44,6 +44,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import MAX_VALUE_LEN
 
 from node.index import InstanceRecord
+from node.metrics import Metrics
 from node.spool import INDEX_KEYWORDS, FreeSpace, Spool, is_safe_uid, read_header
 
 
@@ -87,6 +88,8 @@ class Refused:
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 #: Text attributes of the index, clipped to their VR's maximum length.
 TEXT_KEYWORDS = ("Modality", "SeriesDescription", "PatientID", "AccessionNumber")
+#: Indexed for the operator's views only: never a reason to refuse an instance.
+DISPLAY_KEYWORDS = {"PatientName": 64, "StudyDate": 8}
 
 
 def check_instance(
@@ -180,6 +183,9 @@ def index_values(header) -> tuple[dict[str, Any], dict[str, int]]:
                 clipped[kw] = len(text)
                 text = text[:limit]
             value = text or None
+        elif kw in DISPLAY_KEYWORDS:  # PN, DA: text as encoded, cut to the column
+            text = str(value or "").strip()[: DISPLAY_KEYWORDS[kw]]
+            value = text or None
         values[kw] = value
     return values, clipped
 
@@ -231,14 +237,14 @@ class Ingest:
     free_space:
         The free-disk guard (``[storage] min_free_mb``, ``min_free_percent``).
     metrics:
-        An :class:`node.metrics.Metrics`, or None.
+        The node's :class:`node.metrics.Metrics`; None: a private one.
     """
 
-    def __init__(self, spool: Spool, index, free_space: FreeSpace, *, metrics: Any = None):
+    def __init__(self, spool: Spool, index, free_space: FreeSpace, *, metrics: Metrics | None = None):
         self.spool = spool
         self.index = index
         self.free_space = free_space
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self.log = structlog.get_logger("node.ingest")
 
     def store(
@@ -298,8 +304,7 @@ class Ingest:
         try:
             if self.index.has_instance(sop_uid):
                 log.info("instance_duplicate")
-                if self.metrics:
-                    self.metrics.instances_duplicate.inc()
+                self.metrics.instances_duplicate.inc()
                 return stored
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, encoded)
             record = InstanceRecord.from_values(
@@ -312,16 +317,14 @@ class Ingest:
             return self._out_of_resources("instance_store_failed", str(exc), peer, log)
         except Exception as exc:  # the index is down: the sender must retry
             return self._out_of_resources("instance_index_failed", repr(exc), peer, log)
-        if self.metrics:
-            (self.metrics.instances_received if new else self.metrics.instances_duplicate).inc()
-            self.metrics.store_seconds.observe(time.perf_counter() - started)
+        (self.metrics.instances_received if new else self.metrics.instances_duplicate).inc()
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
         log.debug("instance_stored", bytes=len(encoded), new=new)
         return Outcome(Status.SUCCESS, None, stored.sop_class_uid, sop_uid, study_uid, new)
 
     def _out_of_resources(self, event: str, error: str | None, peer: dict, log=None) -> Outcome:
         (log or self.log).error(event, error=error, **({} if log else peer))
-        if self.metrics:
-            self.metrics.instances_refused.labels(status=Status.OUT_OF_RESOURCES.code).inc()
+        self.metrics.instances_refused.labels(status=Status.OUT_OF_RESOURCES.code).inc()
         return Outcome(Status.OUT_OF_RESOURCES, error or event)
 
     def refuse(self, encoded: bytes, status: Status, reason: str, *, source: Source, peer: dict) -> Outcome:
@@ -337,8 +340,7 @@ class Ingest:
         self.log.warning(
             "instance_refused", status=status.code, reason=reason, quarantined=str(kept), source=str(source), **peer
         )
-        if self.metrics:
-            self.metrics.instances_refused.labels(status=status.code).inc()
+        self.metrics.instances_refused.labels(status=status.code).inc()
         return Outcome(status, reason, *known_uids(encoded))
 
 

@@ -49,6 +49,7 @@ from node import tls
 from node.config import NodeConfig
 from node.index import AssociationOutcome, Index
 from node.ingest import Ingest, Source, Status
+from node.metrics import Metrics
 from node.spool import FreeSpace, Spool
 
 _LOSSLESS = {
@@ -124,7 +125,7 @@ class Receiver:
     spool, index:
         Where instances are written and recorded.
     metrics:
-        An :class:`node.api.Metrics`, or None.
+        The node's :class:`node.metrics.Metrics`; None: a private one.
     on_release:
         Called, with no argument, after an association is released, so the
         completion sweep can run at once instead of waiting for its interval.
@@ -139,14 +140,14 @@ class Receiver:
         spool: Spool,
         index: Index,
         *,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         on_release: Callable[[], None] | None = None,
         ingest: Ingest | None = None,
     ):
         self.config = config
         self.spool = spool
         self.index = index
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self.on_release = on_release
         self.log = structlog.get_logger("node.receive")
         self._assoc_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -156,7 +157,7 @@ class Receiver:
         storage = config.storage
         if ingest is None:
             free_space = FreeSpace(spool.spool_dir, storage.min_free_mb, storage.min_free_percent)
-            ingest = Ingest(spool, index, free_space, metrics=metrics)
+            ingest = Ingest(spool, index, free_space, metrics=self.metrics)
         self.ingest = ingest
         self.free_space = ingest.free_space
         self.ae = self._make_ae()
@@ -306,8 +307,7 @@ class Receiver:
         else:
             return
         self._audit(peer, AssociationOutcome.REJECTED, reason)
-        if self.metrics:
-            self.metrics.associations_rejected.inc()
+        self.metrics.associations_rejected.inc()
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         # As pynetdicom does for its own rejections: let the DUL send the
         # A-ASSOCIATE-RJ before the socket closes, or the peer sees an abort.
@@ -316,19 +316,22 @@ class Receiver:
     def handle_rejected(self, event) -> None:
         """pynetdicom's own rejections (too many associations, user identity)."""
         self._audit(self._peer(event), AssociationOutcome.REJECTED, "rejected by pynetdicom (e.g. maximum_associations)")
-        if self.metrics:
-            self.metrics.associations_rejected.inc()
+        self.metrics.associations_rejected.inc()
 
     def handle_accepted(self, event) -> None:
+        """Audit the association; ``ainode_associations_open`` + 1 until
+        it is released or aborted (:meth:`_close`)."""
         assoc_id = self._audit(self._peer(event), AssociationOutcome.ACCEPTED)
         with self._lock:
             self._assoc_ids[event.assoc] = assoc_id
+        self.metrics.associations_open.inc()
 
     def _close(self, event, outcome: AssociationOutcome) -> None:
         with self._lock:
             assoc_id = self._assoc_ids.pop(event.assoc, None)
         if assoc_id is None:
             return
+        self.metrics.associations_open.dec()
         released = self.index.association_closed(assoc_id, outcome)
         self.log.info("association_closed", association_id=assoc_id, outcome=str(outcome), series_released=released)
         if released and self.on_release is not None:

@@ -31,9 +31,11 @@ import pydicom
 import structlog
 
 from node.config import NodeConfig
-from node.index import Index, JobState, JobView
+from node.index import Index, JobState, JobView, utcnow
+from node.metrics import Metrics, since
+from node.notify import Notifier
 from node.spool import Spool
-from pipelines.base import PipelineContext, PipelineInputError, PipelineNotApplicable, Study
+from pipelines.base import Pipeline, PipelineContext, PipelineInputError, PipelineNotApplicable, Study
 from pipelines.common.seg_frames import omit_empty_frames
 from pipelines.registry import registry as pipeline_registry
 
@@ -52,10 +54,19 @@ class PipelineCache:
 
     def __init__(self, config: NodeConfig):
         self.config = config
-        self._instances: dict[str, object] = {}
+        self._instances: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str):
+    def get(self, name: str) -> Pipeline:
+        """The pipeline ``name``, built on first use.
+
+        Raises
+        ------
+        TypeError
+            The registered class does not implement
+            :class:`pipelines.base.Pipeline` (``name``, ``level``,
+            ``model_version``, ``run``); the job fails with this reason.
+        """
         with self._lock:
             if name not in self._instances:
                 from models.registry import ModelRegistry
@@ -63,7 +74,13 @@ class PipelineCache:
                 cls = pipeline_registry().spec(name).load_class()
                 registry = ModelRegistry(self.config.models.card_dirs)
                 settings = getattr(self.config.pipelines, name)
-                self._instances[name] = cls(settings, registry, device=resolve_device(self.config.worker.device))
+                instance = cls(settings, registry, device=resolve_device(self.config.worker.device))
+                if not isinstance(instance, Pipeline):
+                    raise TypeError(
+                        f"{cls.__module__}.{cls.__qualname__} does not implement pipelines.base.Pipeline "
+                        "(attributes name, level, model_version and method run)"
+                    )
+                self._instances[name] = instance
             return self._instances[name]
 
 
@@ -90,9 +107,11 @@ class Runner:
     config, index, spool:
         The node's configuration and state.
     metrics:
-        A :class:`node.api.Metrics`, or None.
+        The node's :class:`node.metrics.Metrics`; None: a private one.
     on_results:
         Called after a job queued deliveries, so dispatch wakes at once.
+    notifier:
+        The node's :class:`node.notify.Notifier` (``job.*`` events); None: none.
     """
 
     def __init__(
@@ -101,14 +120,16 @@ class Runner:
         index: Index,
         spool: Spool,
         *,
-        metrics=None,
+        metrics: Metrics | None = None,
         on_results: Callable[[], None] | None = None,
+        notifier: Notifier | None = None,
     ):
         self.config = config
         self.index = index
         self.spool = spool
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self.on_results = on_results
+        self.notifier = notifier or Notifier()
         self.pipelines = PipelineCache(config)
         self.log = structlog.get_logger("node.run")
         self._wake = threading.Event()
@@ -141,6 +162,10 @@ class Runner:
             t.start()
             self._threads.append(t)
 
+    def alive(self) -> tuple[int, int]:
+        """(worker threads alive, ``[worker] concurrency``)."""
+        return sum(t.is_alive() for t in self._threads), self.config.worker.concurrency
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -169,6 +194,7 @@ class Runner:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         log.info("job_started", attempt=job.attempts)
+        self._observe(self.metrics.latency_job_start, job)
         try:
             t = time.perf_counter()
             pipeline = self.pipelines.get(job.pipeline)
@@ -193,12 +219,14 @@ class Runner:
             log.info("job_not_applicable", reason=str(exc), timings=timings)
             self.index.fail_job(job.id, str(exc), None, json.dumps(timings), state=JobState.NOT_APPLICABLE)
             self._count(job, JobState.NOT_APPLICABLE, timings)
+            self.notifier.job(job, JobState.NOT_APPLICABLE, str(exc))
             return JobState.NOT_APPLICABLE
         except PipelineInputError as exc:
             timings["total"] = time.perf_counter() - started
             log.warning("job_failed", reason=str(exc), timings=timings)
             self.index.fail_job(job.id, str(exc), None, json.dumps(timings))
             self._count(job, JobState.FAILED, timings)
+            self.notifier.job(job, JobState.FAILED, str(exc))
             return JobState.FAILED
         except Exception as exc:
             timings["total"] = time.perf_counter() - started
@@ -206,6 +234,7 @@ class Runner:
             log.error("job_failed", reason=repr(exc), traceback=tb, timings=timings)
             self.index.fail_job(job.id, f"{type(exc).__name__}: {exc}", tb, json.dumps(timings))
             self._count(job, JobState.FAILED, timings)
+            self.notifier.job(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
             return JobState.FAILED
         log.info(
             "job_done",
@@ -216,6 +245,7 @@ class Runner:
         self._count(job, JobState.DONE, timings)
         if self.on_results:
             self.on_results()
+        self.notifier.job(job, JobState.DONE, results=len(stored))
         return JobState.DONE
 
     def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
@@ -237,6 +267,13 @@ class Runner:
         return stored
 
     def _count(self, job: JobView, state: JobState, timings: dict[str, float]) -> None:
-        if self.metrics:
-            self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()
-            self.metrics.job_seconds.labels(pipeline=job.pipeline).observe(timings.get("total", 0.0))
+        self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()
+        self.metrics.job_seconds.labels(pipeline=job.pipeline).observe(timings.get("total", 0.0))
+        self._observe(self.metrics.latency_job_end, job)
+
+    @staticmethod
+    def _observe(histogram, job: JobView) -> None:
+        """Seconds from the job's last input instance to now (:mod:`node.metrics`)."""
+        seconds = since(job.trigger_received_at, utcnow())
+        if seconds is not None:
+            histogram.labels(pipeline=job.pipeline).observe(seconds)

@@ -32,6 +32,7 @@ from node.config import NodeConfig
 from node.dispatch import Dispatcher
 from node.index import AssemblyState, Index, InstanceRecord, SeriesState
 from node.ingest import Ingest, Status
+from node.monitor import DestinationMonitor
 from node.notify import Notifier
 from node.receive import Receiver
 from node.route import Router
@@ -59,6 +60,7 @@ class Node:
         self.router = Router(config.routes, self.index, on_queued=self.runner.wake, sequences=config.sequences)
         self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router, metrics=self.metrics)
         self.retention = Retention(config.retention, self.index, self.spool)
+        self.monitor = DestinationMonitor(config, self.index)  # periodic C-ECHO of each destination, for /status
         # The one ingest step of both sources: C-STORE (the receiver) and STOW-RS (the API).
         free_space = FreeSpace(self.spool.spool_dir, st.min_free_mb, st.min_free_percent, on_change=self.notifier.disk)
         self.ingest = Ingest(self.spool, self.index, free_space, metrics=self.metrics)
@@ -154,6 +156,15 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(  # destinations' health for /status; not part of readiness
+            self.monitor.check_all,
+            "interval",
+            seconds=self.config.api.destination_check_seconds,
+            next_run_time=dt.datetime.now(dt.UTC),
+            id="destination-check",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
         self.receiver.start()
         if self.api is not None:
@@ -210,7 +221,7 @@ class Node:
         return all(checks.values()), checks
 
     def status(self) -> dict:
-        return status_report(self.index)
+        return status_report(self.index) | {"destinations": self.monitor.report()}
 
 
 def status_report(index: Index, limit: int = 20) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import structlog
 from pydicom import Dataset
 
 
@@ -104,7 +105,9 @@ class PipelineContext:
     device:
         torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
     log:
-        A structlog logger with the job's ids bound.
+        A structlog logger: the node's has the job's ids bound; by default
+        ``structlog.get_logger("pipelines")``, so a pipeline always logs
+        and never checks for a missing logger.
     manufacturer:
         Written to Manufacturer (0008,0070) of derived objects.
     timings:
@@ -113,7 +116,7 @@ class PipelineContext:
 
     uid_prefix: str | None = None
     device: str = "cpu"
-    log: Any = None
+    log: Any = field(default_factory=lambda: structlog.get_logger("pipelines"))
     manufacturer: str = "dicom-ai-node"
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -134,15 +134,14 @@ class BundleSegmentationPipeline:
             )
             sr, _ = write_sr(reference, seg, segments=self.segments, algorithm=self.algorithm, context=context)
             timings["write"] = time.perf_counter() - t
-            if log:
-                for repair in repairs:
-                    log.info("source_value_repaired", repair=str(repair))
-                volumes = segment_volumes_ml(reference, seg)
-                log.info(
-                    "bundle_segmentation_result",
-                    model=self.model_version,
-                    series_uid=series_uid,
-                    volumes_ml={s.name: round(volumes[s.number], 3) for s in self.segments},
-                )
+            for repair in repairs:
+                log.info("source_value_repaired", repair=str(repair))
+            volumes = segment_volumes_ml(reference, seg)
+            log.info(
+                "bundle_segmentation_result",
+                model=self.model_version,
+                series_uid=series_uid,
+                volumes_ml={s.name: round(volumes[s.number], 3) for s in self.segments},
+            )
             results += [seg, sr]
         return results

@@ -24,7 +24,9 @@ usable image and a faulty one (no or empty Pixel Data) fails with
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import structlog
 from pydicom import Dataset
 
 from models.registry import ModelRegistry
@@ -38,6 +40,8 @@ from pipelines.pneumonia.write import PIPELINE, write_seg, write_sr
 #: View Position (0018,5101) values of lateral views (PS3.3 C.8.11.5, CID 4010 wording).
 _LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 _DEFAULT_THRESHOLD = 0.5
+#: The logger of calls made without a context (PipelineContext's default).
+_LOG = structlog.get_logger("pipelines")
 
 
 def _unusable(ds: Dataset) -> tuple[type[Exception], str] | None:
@@ -109,11 +113,11 @@ class PneumoniaPipeline:
     def model_version(self) -> str:
         return self.algorithm.label
 
-    def frontal_images(self, study: Study, log=None) -> list[Dataset]:
+    def frontal_images(self, study: Study, log: Any = _LOG) -> list[Dataset]:
         """The study's single-frame grey-scale CR/DX images that are not lateral views."""
         return self.select_images(study, log)[0]
 
-    def select_images(self, study: Study, log=None) -> tuple[list[Dataset], list[tuple[type[Exception], str]]]:
+    def select_images(self, study: Study, log: Any = _LOG) -> tuple[list[Dataset], list[tuple[type[Exception], str]]]:
         """Split the study into images this model reads and the others.
 
         Returns
@@ -131,8 +135,7 @@ class PneumoniaPipeline:
             if why is None:
                 images.append(ds)
                 continue
-            if log:
-                log.info("image_skipped", sop_instance_uid=ds.get("SOPInstanceUID"), reason=why[1])
+            log.info("image_skipped", sop_instance_uid=ds.get("SOPInstanceUID"), reason=why[1])
             skipped.append(why)
         return images, skipped
 
@@ -172,8 +175,7 @@ class PneumoniaPipeline:
             assert prediction.cam is not None  # asked for
             timings["inference"] = timings.get("inference", 0.0) + time.perf_counter() - t
             for note in prediction.notes:
-                if log:
-                    log.info("preprocessing", sop_instance_uid=ds.SOPInstanceUID, note=note)
+                log.info("preprocessing", sop_instance_uid=ds.SOPInstanceUID, note=note)
             mask = cam_mask(prediction.cam, self.settings.cam_threshold)
             t = time.perf_counter()
             # Source attributes the writers cannot use raise PipelineInputError
@@ -188,17 +190,16 @@ class PneumoniaPipeline:
                 context=context,
             )
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t
-            if log:
-                for repair in repairs:  # SEG and SR share the same repairs
-                    log.info("source_value_repaired", sop_instance_uid=ds.SOPInstanceUID, repair=str(repair))
-                log.info(
-                    "pneumonia_result",
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    probability=round(prediction.probability, 4),
-                    threshold=self.threshold,
-                    present=prediction.probability >= self.threshold,
-                    attention_pixels=int(mask.sum()),
-                    model=self.model_version,
-                )
+            for repair in repairs:  # SEG and SR share the same repairs
+                log.info("source_value_repaired", sop_instance_uid=ds.SOPInstanceUID, repair=str(repair))
+            log.info(
+                "pneumonia_result",
+                sop_instance_uid=ds.SOPInstanceUID,
+                probability=round(prediction.probability, 4),
+                threshold=self.threshold,
+                present=prediction.probability >= self.threshold,
+                attention_pixels=int(mask.sum()),
+                model=self.model_version,
+            )
             results += [seg, sr]
         return results
