@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -236,6 +236,8 @@ INDEX_KEYWORDS = (
     "SeriesDescription",
     "PatientID",
     "AccessionNumber",
+    "PatientName",  # shown only with [api] show_patient_names
+    "StudyDate",
 )
 
 
@@ -268,11 +270,16 @@ class FreeSpace:
     False and the receive step answers 0xA700 "Out of resources" (PS3.4
     B.2.3) before writing anything, so the peer retries later instead of
     the node filling its disk. ``shutil.disk_usage`` is asked at most once
-    every ``max_age_seconds``; each change of state is logged once, and the
-    node accepts again by itself when space returns.
+    every ``max_age_seconds``; each change of state is logged once (and
+    given to ``on_change(path, reason, free_bytes)``, ``reason`` None once
+    space returned: :meth:`node.notify.Notifier.disk`), and the node accepts
+    again by itself when space returns.
     """
 
-    def __init__(self, path: Path, min_free_mb: float, min_free_percent: float, *, max_age_seconds: float = 1.0):
+    def __init__(
+        self, path: Path, min_free_mb: float, min_free_percent: float, *, max_age_seconds: float = 1.0,
+        on_change: Callable[[str, str | None, int], None] | None = None,
+    ):
         import structlog
 
         self.path = Path(path)
@@ -282,6 +289,7 @@ class FreeSpace:
         self.reason: str | None = None  # why there is no room, None when there is
         self._checked_at = -float("inf")
         self._log = structlog.get_logger("node.spool")
+        self.on_change = on_change
 
     def ok(self) -> bool:
         now = time.monotonic()
@@ -301,5 +309,7 @@ class FreeSpace:
                     self._log.error("disk_space_low", path=str(self.path), free_bytes=usage.free, reason=reason)
                 else:
                     self._log.info("disk_space_recovered", path=str(self.path), free_bytes=usage.free)
+                if self.on_change:
+                    self.on_change(str(self.path), reason, usage.free)
             self.reason = reason
         return self.reason is None

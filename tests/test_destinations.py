@@ -38,6 +38,7 @@ from node.destinations.dicom import DicomDestination, DicomSender
 from node.destinations.dicomweb import DicomWebDestination, StowSender
 from node.destinations.folder import MAX_COMPONENT, FolderDestination, FolderSender, path_component
 from node.destinations.registry import DestinationRegistry, discover, registry
+from node.destinations.webhook import WebhookDestination
 from node.dispatch import Dispatcher
 from node.index import Index
 from node.outcome import Outcome, OutcomeClass, classify_os_error
@@ -57,11 +58,11 @@ def _h(value: str) -> str:
 
 def test_built_in_kinds_are_discovered_and_make_the_union():
     found = discover()
-    assert found.kinds() == ["dicom", "dicomweb", "folder"] and found.errors == []
+    assert found.kinds() == ["dicom", "dicomweb", "folder", "webhook"] and found.errors == []
     assert found.kind("folder") is FolderSender and found.source("folder") == "built-in node.destinations.folder"
     assert found.kind("dicom") is DicomSender and found.kind("dicomweb") is StowSender
     union = get_args(get_args(found.config_union())[0])
-    assert set(union) == {DicomDestination, DicomWebDestination, FolderDestination}
+    assert set(union) == {DicomDestination, DicomWebDestination, FolderDestination, WebhookDestination}
     # node.config names no kind: its union is the process registry's.
     assert set(get_args(get_args(node.config.Destination)[0])) == set(union)
     assert registry().kinds() == found.kinds()
@@ -70,7 +71,7 @@ def test_built_in_kinds_are_discovered_and_make_the_union():
 def test_config_refuses_an_unknown_kind_naming_the_registered_ones(tmp_path):
     with pytest.raises(node.config.ConfigError) as err:
         node.config.load_config(None, destinations={"x": {"kind": "ftp", "path": "/srv"}})
-    assert "destinations.x: unknown kind 'ftp'; registered: dicom, dicomweb, folder" in str(err.value)
+    assert "destinations.x: unknown kind 'ftp'; registered: dicom, dicomweb, folder, webhook" in str(err.value)
     with pytest.raises(node.config.ConfigError, match="destinations.x: kind: missing"):
         node.config.load_config(None, destinations={"x": {"path": "/srv"}})
     with pytest.raises(node.config.ConfigError, match=r"destinations.x.folder.fsnyc: Extra inputs"):
@@ -115,7 +116,7 @@ class MemorySender(DestinationKind):
 def test_a_kind_registered_at_runtime_is_parsed_and_sends():
     reg = discover()
     assert reg.register(MemorySender) is MemorySender
-    assert reg.kinds() == ["dicom", "dicomweb", "folder", "memory"] and reg.source("memory") == "runtime"
+    assert reg.kinds() == ["dicom", "dicomweb", "folder", "memory", "webhook"] and reg.source("memory") == "runtime"
     tables = TypeAdapter(dict[str, reg.config_union()]).validate_python({
         "lab": {"kind": "memory", "label": "lab", "timeout_seconds": 5},
         "share": {"kind": "folder", "path": "/srv/share"},
@@ -551,7 +552,7 @@ def test_new_kinds_need_only_their_file(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["kinds"] == ["dicom", "dicomweb", "folder", "memlog", "thirdparty"]
+    assert out["kinds"] == ["dicom", "dicomweb", "folder", "memlog", "thirdparty", "webhook"]
     assert out["types"] == {"lab": "MemlogDestination", "vendor": "ThirdDestination", "share": "FolderDestination"}
     assert out["states"] == {"lab": "delivered", "vendor": "delivered", "share": "delivered"}
     assert (tmp_path / "memlog.txt").read_text() == (tmp_path / "third.txt").read_text() == out["uid"] + "\n"
@@ -561,4 +562,5 @@ def test_new_kinds_need_only_their_file(tmp_path):
     # A plug-in that cannot load is reported, not fatal, and named where a destination uses it.
     [error] = out["errors"]
     assert error.startswith("entry point thirdparty-kind 0.1: broken = no_such_module:Sender: cannot load: ModuleNotFoundError")
-    assert "unknown kind 'broken'; registered: dicom, dicomweb, folder, memlog, thirdparty; not registered: entry point" in out["refused"]
+    registered = "registered: dicom, dicomweb, folder, memlog, thirdparty, webhook"
+    assert f"unknown kind 'broken'; {registered}; not registered: entry point" in out["refused"]

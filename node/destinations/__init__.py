@@ -5,7 +5,9 @@
 - :mod:`.registry`: the kinds found in this package and in the
   ``ainode.destinations`` entry points; the configuration's union;
 - one module per kind: :mod:`.dicom` (C-STORE SCU, DICOM TLS),
-  :mod:`.dicomweb` (STOW-RS), :mod:`.folder` (a directory tree).
+  :mod:`.dicomweb` (STOW-RS), :mod:`.folder` (a directory tree), and
+  :mod:`.webhook`, a :class:`~.base.NotificationKind`: the node's events
+  (:mod:`node.notify`), not results.
 
 Importing this package imports no kind: ``node.destinations.registry.registry()``
 does, when first asked.

@@ -17,13 +17,14 @@ so a kind's module may import this one freely.
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.outcome import Outcome, OutcomeClass
 
@@ -87,6 +88,9 @@ class DestinationKind(ABC):
 
     kind: ClassVar[str]
     Config: ClassVar[type[DestinationConfig]]
+    #: False for a kind that takes notifications, not results (:class:`NotificationKind`):
+    #: routes may not name it and dispatch starts no delivery thread for it.
+    carries_results: ClassVar[bool] = True
 
     def __init__(self, config: DestinationConfig, context: DestinationContext | None = None):
         if not isinstance(config, self.Config):
@@ -121,3 +125,71 @@ class DestinationKind(ABC):
     def outcome(self, result: object, status: str | None, text: str) -> Outcome:
         """An :class:`~node.outcome.Outcome` for ``result``, classified by :meth:`classify`."""
         return Outcome(self.classify(result), status, text)
+
+
+class NotificationEvent(enum.StrEnum):
+    """What the node notifies (:mod:`node.notify`); a notification
+    destination's ``events`` lists those it wants."""
+
+    JOB_DONE = "job.done"
+    JOB_FAILED = "job.failed"
+    #: Valid input the pipeline does not process: not a failure (off by default).
+    JOB_NOT_APPLICABLE = "job.not_applicable"
+    #: A delivery reached state ``failed``: its attempts are used up, or it failed permanently.
+    DELIVERY_FAILED = "delivery.failed"
+    #: The free-disk guard tripped: the node answers C-STORE 0xA700 until space returns.
+    DISK_LOW = "disk.low"
+    DISK_RECOVERED = "disk.recovered"
+    #: A destination check (``echo``: ``ainode echo --destinations``, the node's periodic check); not subscribable.
+    PING = "ping"
+
+
+#: The events of a notification destination without ``events``.
+DEFAULT_EVENTS = (
+    NotificationEvent.JOB_DONE,
+    NotificationEvent.JOB_FAILED,
+    NotificationEvent.DELIVERY_FAILED,
+    NotificationEvent.DISK_LOW,
+    NotificationEvent.DISK_RECOVERED,
+)
+
+
+class NotificationConfig(DestinationConfig):
+    """The settings of a destination that takes notifications (not results)."""
+
+    events: tuple[NotificationEvent, ...] = Field(
+        DEFAULT_EVENTS, min_length=1, description="The events sent here; job.not_applicable is off by default."
+    )
+    include_uids: bool = Field(
+        False, description="Add Study/Series/SOP Instance UIDs to events (linkable to a patient: off by default)."
+    )
+    queue_size: int = Field(1000, ge=1, description="Events held while the receiver is down; the oldest go first.")
+    retry: RetryPolicy | None = Field(
+        RetryPolicy(max_attempts=5, initial_delay_seconds=1.0, max_delay_seconds=60.0),
+        description="Retries of each event (the node's [retry] is for results and does not apply).",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _subscribable(cls, v: tuple[NotificationEvent, ...]) -> tuple[NotificationEvent, ...]:
+        if NotificationEvent.PING in v:
+            raise ValueError("'ping' is the destination check's and cannot be subscribed")
+        return tuple(dict.fromkeys(v))
+
+
+class NotificationKind(DestinationKind):
+    """A kind that takes notifications (:mod:`node.notify`): routes may not
+    name it as a destination of results, and :meth:`send` refuses files."""
+
+    carries_results = False
+    config: NotificationConfig
+
+    @abstractmethod
+    def post(self, event: dict[str, Any]) -> Outcome:
+        """Send one event (a JSON-able dict, :mod:`node.notify`) once; a
+        failure is an outcome, never an exception. The caller retries a
+        transient one."""
+
+    def send(self, paths: Sequence[Path]) -> list[Outcome]:
+        why = f"{self.kind} destination {self.context.name!r} takes notifications, not results"
+        return [Outcome(OutcomeClass.PERMANENT, None, why) for _ in paths]
