@@ -21,7 +21,9 @@ lets the node re-index spool files whose rows were lost.
 
 from __future__ import annotations
 
+from node.index.audit import AuditEvent, AuditQueries, AuditRecord
 from node.index.core import IndexCore, make_engine
+from node.index.dashboard import DashboardQueries
 from node.index.deliveries import DeliveryQueries
 from node.index.ingest import IngestQueries
 from node.index.jobs import JobQueries
@@ -52,11 +54,13 @@ from node.index.studies import StudyQueries
 from node.index.views import DeliveryView, InstanceRecord, JobView
 
 
-class Index(ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries, IndexCore):
+class Index(DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries, AuditQueries, IndexCore):
     """All reads and writes of the node's SQL state, one transaction a call."""
 
 
 __all__ = [
+    "AuditEvent",
+    "AuditRecord",
     "UID",
     "AssemblyState",
     "Association",

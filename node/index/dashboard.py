@@ -55,6 +55,8 @@ class DeliveryRow:
     attempts_total: int  # rows in delivery_attempts, across re-sends
     delivered_at: dt.datetime | None
     last_error: str | None
+    #: Its first successful attempt: a re-send does not move it.
+    first_delivered_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,16 @@ class JobRow:
 
     @property
     def delivered_at(self) -> dt.datetime | None:
-        """When its last result reached its last destination; None until
-        every delivery is delivered (or when it has none)."""
+        """When its last result first reached its last destination (a
+        re-send later does not move it); None until every delivery is
+        delivered (or when it has none)."""
         if not self.deliveries or any(d.state != DeliveryState.DELIVERED for d in self.deliveries):
             return None
-        return max(d.delivered_at for d in self.deliveries if d.delivered_at is not None)
+        return max(d.first_delivered_at or d.delivered_at for d in self.deliveries)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
-class StudyRow:
+class RecentStudy:
     """A recent study: its times (the timeline), state and jobs."""
 
     study_uid: str
@@ -164,8 +167,8 @@ class DashboardQueries(IndexCore):
                 .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]))
                 .group_by(Delivery.destination, Delivery.state)
             )
-            for destination, state, n in rows:
-                out.deliveries.setdefault(destination, {})[str(state)] = n
+            for destination, d_state, n in rows:
+                out.deliveries.setdefault(destination, {})[str(d_state)] = n
         return out
 
     @staticmethod
@@ -182,9 +185,9 @@ class DashboardQueries(IndexCore):
             else_=STUDY_UNMATCHED,
         ).label("state")
         no_job = ~exists().where(Job.study_uid == Study.study_uid)
-        return select(state, func.count()).where(no_job).group_by(state)
+        return select(state, func.count()).select_from(Study).where(no_job).group_by(state)
 
-    def recent_studies(self, limit: int = 12) -> list[StudyRow]:
+    def recent_studies(self, limit: int = 12) -> list[RecentStudy]:
         """The ``limit`` studies whose latest instance came last, newest
         first, each with its jobs (newest first), their results and deliveries."""
         with self._session() as s:
@@ -203,7 +206,7 @@ class DashboardQueries(IndexCore):
             rows = [job_rows[j.id] for j in jobs[st.study_uid]]
             members = series[st.study_uid]
             out.append(
-                StudyRow(
+                RecentStudy(
                     study_uid=st.study_uid,
                     patient_id=st.patient_id,
                     accession_number=st.accession_number,
@@ -232,17 +235,18 @@ class DashboardQueries(IndexCore):
             results[r.job_id].append(ResultFile(r.sop_instance_uid, r.modality, r.path))
         deliveries = defaultdict(list)
         total = func.count(DeliveryAttempt.id)
+        first_ok = func.min(case((DeliveryAttempt.ok.is_(True), DeliveryAttempt.at)))
         q = (
-            select(Delivery, total)
+            select(Delivery, total, first_ok)
             .outerjoin(DeliveryAttempt, DeliveryAttempt.delivery_id == Delivery.id)
             .where(Delivery.job_id.in_(ids))
             .group_by(Delivery.id)
             .order_by(Delivery.id)
         )
-        for d, n in s.execute(q):
+        for d, n, first in s.execute(q):
             deliveries[d.job_id].append(
                 DeliveryRow(d.id, d.job_id, d.destination, d.sop_instance_uid, d.state, d.attempts, n, d.delivered_at,
-                            d.last_error)
+                            d.last_error, first)
             )
         return {
             j.id: JobRow(
@@ -332,27 +336,36 @@ class DashboardQueries(IndexCore):
             rows = s.execute(
                 select(Job.finished_at, Job.pipeline, Job.state).where(Job.finished_at >= since).order_by(Job.finished_at)
             )
-            return [(at, pipeline, state) for at, pipeline, state in rows]
+            return [(at, pipeline, state) for at, pipeline, state in rows if at is not None]
 
     def latency_samples(self, since: dt.datetime) -> list[LatencySample]:
         """Done jobs whose results were all delivered, the last at or after
-        ``since``, with seconds from their last instance to that delivery."""
+        ``since``, with seconds from their last instance to that delivery
+        (each delivery's first successful attempt: a re-send does not count)."""
         with self._session() as s:
+            first_ok = (
+                select(DeliveryAttempt.delivery_id, func.min(DeliveryAttempt.at).label("at"))
+                .where(DeliveryAttempt.ok.is_(True))
+                .group_by(DeliveryAttempt.delivery_id)
+                .subquery()
+            )
             undelivered = func.sum(case((Delivery.state != DeliveryState.DELIVERED, 1), else_=0))
+            delivered = func.max(func.coalesce(first_ok.c.at, Delivery.delivered_at))
             rows = s.execute(
-                select(Job.id, Job.pipeline, Job.trigger_received_at, func.max(Delivery.delivered_at))
+                select(Job.id, Job.pipeline, Job.trigger_received_at, delivered)
                 .join(Delivery, Delivery.job_id == Job.id)
+                .outerjoin(first_ok, first_ok.c.delivery_id == Delivery.id)
                 .where(and_(Job.state == JobState.DONE, Job.trigger_received_at.is_not(None)))
                 .group_by(Job.id, Job.pipeline, Job.trigger_received_at)
-                .having(and_(undelivered == 0, func.max(Delivery.delivered_at) >= since))
-                .order_by(func.max(Delivery.delivered_at))
+                .having(and_(undelivered == 0, delivered >= since))
+                .order_by(delivered)
             )
             return [
                 LatencySample(job_id, pipeline, delivered, max(0.0, (delivered - trigger).total_seconds()))
                 for job_id, pipeline, trigger, delivered in rows
             ]
 
-    def instance_paths(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+    def spool_paths_of(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
         """Spool path of each of ``sop_instance_uids`` the index holds."""
         with self._session() as s:
             rows = s.execute(
@@ -385,5 +398,5 @@ __all__ = [
     "LatencySample",
     "LiveCounts",
     "ResultFile",
-    "StudyRow",
+    "RecentStudy",
 ]
