@@ -113,21 +113,30 @@ class Retention:
     def _clean_spool(self, cutoff: dt.datetime, days: float) -> Removed:
         removed = Removed()
         for study_uid in self.index.idle_studies(cutoff):
-            files = self.index.purge_study(study_uid, cutoff, f"retention: no instance for {days:g} days")
-            if files is None:
+            if not self.purge_study(study_uid, cutoff, f"retention: no instance for {days:g} days", removed):
                 removed.kept_busy += 1
-                continue
-            for path, size in files:
-                removed.add(path, size)
-            removed.studies += 1
-            if is_safe_uid(study_uid):
-                study_dir = self.spool.spool_dir / study_uid
-                _remove_empty_dirs(study_dir)
-                try:
-                    study_dir.rmdir()
-                except OSError:
-                    pass  # something new arrived, or not there
         return removed
+
+    def purge_study(self, study_uid: str, cutoff: dt.datetime, reason: str, removed: Removed) -> bool:
+        """Forget the study's instances and delete their spool files (adding
+        them to ``removed``), if it is not busy and received nothing after
+        ``cutoff`` (naive UTC) (:meth:`node.index.Index.purge_study`).
+        Returns False, removing nothing, otherwise. Also an operator's purge
+        (:func:`node.actions.purge_study`, cutoff now)."""
+        files = self.index.purge_study(study_uid, cutoff, reason)
+        if files is None:
+            return False
+        for path, size in files:
+            removed.add(path, size)
+        removed.studies += 1
+        if is_safe_uid(study_uid):
+            study_dir = self.spool.spool_dir / study_uid
+            _remove_empty_dirs(study_dir)
+            try:
+                study_dir.rmdir()
+            except OSError:
+                pass  # something new arrived, or not there
+        return True
 
     def _clean_quarantine(self, cutoff: dt.datetime, days: float) -> Removed:
         removed = Removed()

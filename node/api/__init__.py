@@ -8,6 +8,13 @@
   own registry.
 - ``POST /dicom-web/studies[/{StudyInstanceUID}]`` (scope ``ingest``):
   STOW-RS into the node (:mod:`node.api.routers.stow`).
+- ``GET /ready`` (no token): readiness, each check named
+  (:mod:`node.api.routers.ready`).
+- ``GET /api/...`` (scope ``read``): studies, series, jobs, deliveries,
+  timelines, results (:mod:`node.api.routers.reports`).
+- ``POST /api/...`` (scope ``operator``): the operator's actions, audited
+  (:mod:`node.api.routers.actions`, :mod:`node.actions`).
+- ``GET /openapi.json`` (no token): the OpenAPI document.
 
 HTTPS with ``[api.tls]``; bearer tokens with scopes with ``[[api.tokens]]``
 (:mod:`node.api.auth`). Modules: :mod:`node.api.app` (the app factory),

@@ -5,8 +5,11 @@ one ``app.include_router(...)`` line. Routers reach the node through
 :data:`node.api.deps.NodeDep` and declare the scope they need with
 :func:`node.api.auth.requires`.
 
-OpenAPI documents (``/docs``, ``/openapi.json``) are off: everything but
-``GET /health`` is behind a token, and an open schema would say otherwise.
+The OpenAPI document is served at ``/openapi.json`` without a token: it
+describes the endpoints and holds no data (no study, no token, no
+configuration value). The interactive pages (``/docs``, ``/redoc``) stay
+off: they would load scripts from elsewhere, and a browser on them is no
+use without a token anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fastapi import FastAPI
 
 from node.api.auth import TokenAuth
 from node.api.deps import NodeLike
-from node.api.routers import health, metrics, status, stow
+from node.api.routers import actions, dashboard, health, metrics, ready, reports, status, stow
 
 log = structlog.get_logger("node.api")
 
@@ -37,11 +40,16 @@ def create_app(node: NodeLike, auth: TokenAuth | None = None) -> FastAPI:
             )
         yield
 
-    app = FastAPI(title="dicom-ai-node", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="dicom-ai-node", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     app.state.node = node
     app.state.auth = auth
     app.include_router(health.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
     app.include_router(stow.router)
+    app.include_router(ready.router)
+    app.include_router(reports.router)
+    app.include_router(actions.router)
+    app.include_router(dashboard.router)
     return app

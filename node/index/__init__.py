@@ -28,6 +28,7 @@ from node.index.deliveries import DeliveryQueries
 from node.index.ingest import IngestQueries
 from node.index.jobs import JobQueries
 from node.index.operations import OperationQueries
+from node.index.replay import ReplayQueries
 from node.index.reports import ReportQueries
 from node.index.schema import (
     UID,
@@ -54,7 +55,7 @@ from node.index.studies import StudyQueries
 from node.index.views import DeliveryView, InstanceRecord, JobView
 
 
-class Index(DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries, AuditQueries, IndexCore):
+class Index(ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries, AuditQueries, IndexCore):
     """All reads and writes of the node's SQL state, one transaction a call."""
 
 

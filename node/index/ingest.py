@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.index.core import IndexCore
+from node.index.audit import AuditEvent, AuditQueries, instance_audit
 from node.index.schema import Association, AssociationOutcome, Instance, Series, SeriesState, Study, utcnow
 from node.index.views import InstanceRecord
 
@@ -19,7 +19,7 @@ from node.index.views import InstanceRecord
 _STOW_RS = "stow-rs"
 
 
-class IngestQueries(IndexCore):
+class IngestQueries(AuditQueries):
     """Associations, instances and series (node/receive.py, node/ingest.py, node/complete.py)."""
 
     # -- associations -----------------------------------------------------------
@@ -57,6 +57,10 @@ class IngestQueries(IndexCore):
                     closed_at=utcnow() if rejected else None,
                 )
             )
+            kind = AuditEvent.ASSOCIATION_REJECTED if rejected else AuditEvent.ASSOCIATION_ACCEPTED
+            peer = {"association_id": assoc_id, "called_ae": called_ae, "peer_port": port, "tls": tls}
+            details = {**peer, "client_cert_subject": client_cert_subject, "reason": reason}
+            self.audit(kind, actor=calling_ae, client=address, details=details, session=s)
 
     def associations(self, limit: int = 50) -> list[Association]:
         """The latest ``limit`` association records, newest first (detached rows)."""
@@ -143,6 +147,7 @@ class IngestQueries(IndexCore):
                             source=rec.source,
                         )
                     )
+                    self.audit(AuditEvent.INSTANCE_STORED, session=c, **instance_audit(rec))
                     if rec.association_id:
                         c.execute(
                             update(Association)

@@ -227,7 +227,7 @@ class ReportQueries(IndexCore):
             for entity in ("series", "study", "job", "delivery"):
                 ids = [i for e, i in keys if e == entity]
                 for t in s.scalars(select(Transition).where(Transition.entity == entity, Transition.entity_id.in_(ids))):
-                    data = {"id": t.entity_id, "from_state": t.from_state, "to_state": t.to_state, "reason": t.reason}
+                    data: dict[str, Any] = {"id": t.entity_id, "from_state": t.from_state, "to_state": t.to_state, "reason": t.reason}
                     events.append(TimelineEvent(t.at, f"{entity}_state", data))
             for j in jobs:
                 if j.timings and j.finished_at:
