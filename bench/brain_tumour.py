@@ -58,7 +58,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEFAULT_CASE = REPO.parent / "shared" / "data" / "brats" / "BraTS-GLI-00001-000"
+
+from tests.peers import SHARED_DATA  # noqa: E402
+
+DEFAULT_CASE = SHARED_DATA / "brats" / "BraTS-GLI-00001-000"
 
 
 class RssSampler:
@@ -215,7 +218,7 @@ def run(args, paths: dict[str, list[str]], tmp: Path) -> dict:
     load_s = time.perf_counter() - t
     brain_extractor = None
     if (args.skull_strip or settings.skull_strip) == "always":
-        from pipelines.brain_tumour.preprocess import DeepbetExtractor
+        from pipelines.brain_tumour.skull_strip import DeepbetExtractor
 
         brain_extractor = DeepbetExtractor("cpu")
 

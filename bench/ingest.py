@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.peers import Orthanc, free_port, wait_for  # noqa: E402
+from tests.peers import Orthanc, free_port, node_config_for, wait_for  # noqa: E402
 
 
 def make_ct_series(folder: Path, n: int) -> list[Path]:
@@ -90,23 +90,12 @@ def bench_orthanc(files, workdir: Path) -> float:
 
 
 def bench_node(files, workdir: Path, fsync: bool) -> float:
-    from node.config import load_config
     from node.index import Index
     from node.receive import Receiver
     from node.spool import Spool
 
     port = free_port()
-    cfg = load_config(
-        None,
-        node={"bind_address": "127.0.0.1", "port": port},
-        storage={
-            "spool_dir": str(workdir / "spool"),
-            "quarantine_dir": str(workdir / "q"),
-            "outbox_dir": str(workdir / "outbox"),
-            "index_url": f"sqlite:///{workdir}/index.db",
-            "fsync": fsync,
-        },
-    )
+    cfg = node_config_for(workdir, node={"bind_address": "127.0.0.1", "port": port}, storage={"fsync": fsync})
     index = Index(cfg.storage.index_url)
     spool = Spool(cfg.storage.spool_dir, cfg.storage.quarantine_dir, cfg.storage.outbox_dir, fsync=fsync)
     receiver = Receiver(cfg, spool, index)

@@ -1,4 +1,4 @@
-"""What a result SR says, in a line, for the dashboard.
+"""What a result SR says: its values for the API, and in a line for the dashboard.
 
 The SR in the outbox is read with highdicom (``highdicom.sr.srread``) and
 its TID 1500 measurement groups (PS3.16 TID 1410 planar, TID 1411
@@ -49,6 +49,13 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    group: str  # the group's Tracking Identifier
+    name: str  # code meaning of the concept
+    value: str  # code meaning of the coded value
+
+
+@dataclass(frozen=True)
 class Finding:
     """A result SR's finding. ``summary`` is one line; ``present`` is True or
     False where the SR states a Present/Absent evaluation, else None."""
@@ -58,6 +65,7 @@ class Finding:
     probability: float | None = None
     volumes_ml: dict[str, float] = field(default_factory=dict)
     measurements: tuple[Measurement, ...] = ()
+    evaluations: tuple[Evaluation, ...] = ()
 
 
 def _code(concept) -> tuple[str, str]:
@@ -91,6 +99,7 @@ def read_finding(path: str | Path) -> Finding:
     present = probability = None
     volumes: dict[str, float] = {}
     evaluations: list[str] = []
+    judged: list[Evaluation] = []
     for group in groups:
         label = str(group.tracking_identifier or "")
         for m in group.get_measurements():
@@ -100,13 +109,16 @@ def read_finding(path: str | Path) -> Finding:
             elif _code(m.name) == VOLUME and (found := _ABBREVIATION.search(label)):
                 volumes[found.group(1)] = float(m.value)
         for q in group.get_qualitative_evaluations():
+            meaning = str(q.value.meaning)
+            judged.append(Evaluation(label, str(q.name.meaning), meaning))  # all of them, for the API
             if _code(q.name) in _CONTEXT:
                 continue
-            meaning = str(q.value.meaning)
             evaluations.append(f"{q.name.meaning} {meaning.lower()}")
             if meaning.lower() in ("present", "absent"):
                 present = meaning.lower() == "present"
-    return Finding(_summary(evaluations, probability, volumes), present, probability, volumes, tuple(measurements))
+    return Finding(
+        _summary(evaluations, probability, volumes), present, probability, volumes, tuple(measurements), tuple(judged)
+    )
 
 
 def _summary(evaluations: list[str], probability: float | None, volumes: dict[str, float]) -> str:

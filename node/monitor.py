@@ -76,7 +76,11 @@ class DestinationMonitor:
 
     def check_all(self) -> dict[str, Check]:
         """Check every destination now (in parallel); returns and keeps the outcomes."""
-        names = list(self.config.destinations)
+        from node.destinations.registry import registry
+
+        # Result destinations only: a webhook's check is a signed ping its
+        # receiver may post somewhere, not to be sent every minute.
+        names = [n for n, d in self.config.destinations.items() if registry().kind(d.kind).carries_results]
         if not names:
             return {}
         with ThreadPoolExecutor(max_workers=min(8, len(names)), thread_name_prefix="destination-check") as pool:

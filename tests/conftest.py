@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.peers import SHARED_DATA, Orthanc, free_port, have_dcmtk, have_orthanc
+from tests.peers import SHARED_DATA, Orthanc, free_port, have_dcmtk, have_orthanc, node_config_for
+
+if TYPE_CHECKING:
+    from node.config import NodeConfig
 
 CXR_RSNA = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -35,6 +41,14 @@ def rg1_uncr() -> Path:
 @pytest.fixture
 def rsna_cxr() -> Path:
     return shared_file(CXR_RSNA)
+
+
+@pytest.fixture
+def node_config(tmp_path) -> Callable[..., NodeConfig]:
+    """``node_config(**sections)``: a :class:`NodeConfig` whose spool, quarantine,
+    outbox and SQLite index lie under ``tmp_path``; ``storage`` keys given are
+    laid over those, other sections taken as given (:func:`tests.peers.node_config_for`)."""
+    return functools.partial(node_config_for, tmp_path)
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ Nothing here imitates a PACS: :class:`Orthanc` runs the Debian ``Orthanc``
 binary with the DICOMweb plugin on free loopback ports,
 :class:`DeployedOrthanc` runs it with ``deploy/orthanc/`` exactly as shipped
 (auto-routing to the node), and :func:`storescu` runs dcmtk's.
+:func:`node_config_for` and :func:`write_node_toml` give the node itself a
+configuration whose files lie in the test's folder.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,8 +21,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:  # bench/ imports this module before it measures memory
+    from node.config import NodeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -224,7 +230,9 @@ _STORESCU_PROPOSE = {
 }
 
 
-def storescu(files: list[Path], port: int, called_aet: str, calling_aet: str = "STORESCU", host: str = "127.0.0.1") -> subprocess.CompletedProcess:
+def storescu(
+    files: list[Path], port: int, called_aet: str, calling_aet: str = "STORESCU", host: str = "127.0.0.1"
+) -> subprocess.CompletedProcess:
     """Send ``files`` with dcmtk's storescu on one association, proposing the
     files' own (compressed) transfer syntax where they have one.
 
@@ -239,6 +247,77 @@ def storescu(files: list[Path], port: int, called_aet: str, calling_aet: str = "
         raise ValueError(f"storescu proposes one compressed syntax per run; got files in {sorted(syntaxes)}")
     cmd = ["storescu", *flags, "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, files)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+# -- the node's configuration -------------------------------------------------------
+
+
+def node_sections(folder: Path, **sections: Any) -> dict[str, Any]:
+    """Configuration sections for a node whose files lie under ``folder``:
+    ``spool/``, ``quarantine/``, ``outbox/`` and the SQLite index ``index.db``.
+
+    The keys of a ``storage`` section given are laid over those (e.g.
+    ``storage={"fsync": False}``); every other section is taken as given, as
+    :func:`node.config.load_config` takes it.
+    """
+    folder = Path(folder)
+    storage = {
+        "spool_dir": str(folder / "spool"),
+        "quarantine_dir": str(folder / "quarantine"),
+        "outbox_dir": str(folder / "outbox"),
+        "index_url": f"sqlite:///{folder / 'index.db'}",
+    } | sections.pop("storage", {})
+    return {"storage": storage, **sections}
+
+
+def node_config_for(folder: Path, **sections: Any) -> NodeConfig:
+    """The node's configuration, its files under ``folder`` (:func:`node_sections`).
+
+    The ``node_config`` fixture (tests/conftest.py) is this bound to ``tmp_path``.
+    """
+    from node.config import load_config
+
+    return load_config(None, **node_sections(folder, **sections))
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def write_node_toml(path: Path, sections: dict[str, Any], *toml: str) -> Path:
+    """Write ``sections`` (as :func:`node.config.load_config` takes them) to
+    ``path`` as the TOML file ``ainode`` reads, then each ``toml`` text as it
+    is (e.g. ``[[routes]]`` tables kept as text); return ``path``.
+
+    A section that is a list (``routes``) becomes an array of tables; a table
+    within a section (a destination, ``api.tls``) is written inline.
+    """
+    lines: list[str] = []
+    for name, value in sections.items():
+        for table in value if isinstance(value, list) else [value]:
+            lines.append(f"[[{name}]]" if isinstance(value, list) else f"[{name}]")
+            lines += [f"{_toml_key(k)} = {_toml(v)}" for k, v in table.items()]
+            lines.append("")
+    path = Path(path)
+    path.write_text("\n".join([*lines, *toml]) + "\n", encoding="utf-8")
+    return path
 
 
 class NodeProcess:

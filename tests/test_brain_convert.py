@@ -20,12 +20,12 @@ from pipelines.brain_tumour.convert import (
 from pipelines.brain_tumour.volume import series_to_image
 from tests.brain_phantom import make_phantom
 from tests.dicom_checks import DCIODVFY
+from tests.peers import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BRATS = DATA / "brats" / "BraTS-GLI-00001-000"
-TCGA = DATA / "brats" / "TCGA-FG-6692-preprocessed"
-needs_brats = pytest.mark.skipif(not BRATS.is_dir(), reason=f"real data folder ../shared/data absent ({DATA})")
-needs_tcga = pytest.mark.skipif(not TCGA.is_dir(), reason=f"real data folder ../shared/data absent ({DATA})")
+BRATS = SHARED_DATA / "brats" / "BraTS-GLI-00001-000"
+TCGA = SHARED_DATA / "brats" / "TCGA-FG-6692-preprocessed"
+needs_brats = pytest.mark.skipif(not BRATS.is_dir(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
+needs_tcga = pytest.mark.skipif(not TCGA.is_dir(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
 
 
 def _read(paths):
@@ -208,7 +208,7 @@ def test_float_nifti_gets_rescale(tmp_path):
 @pytest.fixture(scope="module")
 def brats_study(tmp_path_factory):
     if not BRATS.is_dir():
-        pytest.skip(f"real data folder ../shared/data absent ({DATA})")
+        pytest.skip(f"real data folder ../shared/data absent ({SHARED_DATA})")
     out = tmp_path_factory.mktemp("brats-dicom")
     return nifti_to_dicom(BRATS, out, patient_name="BraTS^GLI00001", patient_id="BRATS-GLI-00001-000")
 

@@ -145,7 +145,7 @@ def test_brats_study_in_seg_and_sr_back(tmp_path, brats_dicom, orthanc, brain_no
     assert sr.StudyInstanceUID == study_uid and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription.upper()
     rois = sr.content.get_volumetric_roi_measurement_groups()
     assert len(rois) == 3
-    for roi, number in zip(rois, (1, 2, 3)):
+    for roi, number in zip(rois, (1, 2, 3), strict=True):
         assert roi.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert volume_of(roi).value == pytest.approx(counts[number] * voxel_ml, rel=1e-9)
     regions = {g.tracking_identifier: volume_of(g).value for g in sr.content.get_image_measurement_groups()}

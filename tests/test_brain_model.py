@@ -269,7 +269,7 @@ def test_demo_card_is_honest_and_weights_load(demo):
 def test_demo_model_finds_the_tumour_of_the_tcga_case(demo):
     """The demo weights on the whole real case, through the deployment path; the floor sits below the
     figure in the card (that figure includes the voxels the model was trained on)."""
-    from pipelines.brain_tumour.train import dice, find_brats_cases, load_case
+    from pipelines.brain_tumour.train_data import dice, find_brats_cases, load_case
 
     shared_file(TCGA / "TCGA-FG-6692_seg-consensus.nii.gz")
     (case,) = find_brats_cases(TCGA)
@@ -300,7 +300,7 @@ def test_pipeline_wt_dice_on_the_tcga_case_from_dicom(tmp_path):
     from pipelines.brain_tumour.convert import nifti_to_dicom
     from pipelines.brain_tumour.pipeline import BrainTumourPipeline
     from pipelines.brain_tumour.settings import BrainTumourSettings
-    from pipelines.brain_tumour.train import dice
+    from pipelines.brain_tumour.train_data import dice
     from pipelines.brain_tumour.volume import series_to_image
     from tests.dicom_checks import read_seg
     from tests.test_brain_write import slice_masks
@@ -363,7 +363,7 @@ def _write_case(folder: Path, name: str, style: str, seed: int, shape=(32, 40, 6
 
 
 def test_find_cases_reads_brats_2020_2023_and_tcga_names(tmp_path):
-    from pipelines.brain_tumour.train import find_brats_cases
+    from pipelines.brain_tumour.train_data import find_brats_cases
 
     for case, files in {
         "BraTS20_Training_001": ["_t1", "_t1ce", "_t2", "_flair", "_seg"],
@@ -385,7 +385,8 @@ def test_find_cases_reads_brats_2020_2023_and_tcga_names(tmp_path):
 
 @pytest.mark.parametrize("n_cases", [1, 3])
 def test_training_smoke_run_writes_a_loadable_card(tmp_path, n_cases):
-    from pipelines.brain_tumour.train import TrainConfig, find_brats_cases, load_case, train_brain_tumour
+    from pipelines.brain_tumour.train import TrainConfig, train_brain_tumour
+    from pipelines.brain_tumour.train_data import find_brats_cases, load_case
 
     data = tmp_path / "data"
     for i in range(n_cases):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,30 +11,19 @@ import SimpleITK as sitk
 from monai.transforms import NormalizeIntensity
 
 from pipelines.base import PipelineInputError
+from pipelines.brain_tumour.bias_field import foreground_mask, n4_correct
 from pipelines.brain_tumour.convert import SEQUENCE_PROTOCOLS, find_case_files, image_to_series, study_info
-from pipelines.brain_tumour.preprocess import (
-    DEFAULT_CHANNEL_ORDER,
-    DeepbetExtractor,
-    foreground_mask,
-    model_grid,
-    morphological_brain_mask,
-    n4_correct,
-    preprocess_study,
-    register_rigid,
-    reorient,
-    resample_to_grid,
-    same_grid,
-    skull_strip_check,
-    to_channels_first,
-    to_reference,
-)
+from pipelines.brain_tumour.normalise import to_channels_first
+from pipelines.brain_tumour.preprocess import DEFAULT_CHANNEL_ORDER, preprocess_study, to_reference
+from pipelines.brain_tumour.registration import model_grid, register_rigid, reorient, resample_to_grid, same_grid
+from pipelines.brain_tumour.skull_strip import DeepbetExtractor, morphological_brain_mask, skull_strip_check
 from pipelines.brain_tumour.volume import series_to_image
 from pipelines.common.uids import derived_uid
 from tests.brain_phantom import BRAIN, image_grid, labels_on, make_phantom, tissue_at
+from tests.peers import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BRATS = DATA / "brats" / "BraTS-GLI-00001-000"
-needs_brats = pytest.mark.skipif(not BRATS.is_dir(), reason=f"real data folder ../shared/data absent ({DATA})")
+BRATS = SHARED_DATA / "brats" / "BraTS-GLI-00001-000"
+needs_brats = pytest.mark.skipif(not BRATS.is_dir(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
 FAST_N4 = {"n4_iterations": (20, 20)}
 
 
@@ -301,7 +289,7 @@ def test_to_channels_first_order():
 @pytest.fixture(scope="module")
 def brats_volumes(tmp_path_factory):
     if not BRATS.is_dir():
-        pytest.skip(f"real data folder ../shared/data absent ({DATA})")
+        pytest.skip(f"real data folder ../shared/data absent ({SHARED_DATA})")
     # In memory: the file round trip is test_brain_convert's; this saves writing 620 files.
     files = find_case_files(BRATS)
     study = study_info(patient_name="BraTS^1", patient_id="B1", uid_parts=["test_brain_preprocess"])

@@ -72,7 +72,7 @@ def test_slice_order_follows_position_not_instance_number(phantom):
     datasets = _copies(phantom.datasets["T2"])
     numbers = list(range(1, len(datasets) + 1))
     random.Random(2).shuffle(numbers)
-    for ds, n in zip(datasets, numbers):
+    for ds, n in zip(datasets, numbers, strict=True):
         ds.InstanceNumber = n
     datasets.sort(key=lambda ds: ds.InstanceNumber)
     vol = series_to_image(datasets)

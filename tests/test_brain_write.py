@@ -36,8 +36,8 @@ from pipelines.common.sanitize import reference_proxies, reference_proxy, saniti
 from pipelines.common.seg_frames import segment_voxel_counts
 from tests.dicom_checks import read_seg, read_sr, run_dciodvfy, seg_mask_on_source
 from tests.mr_stack import ROLES, enhanced_mr, mr_series, mr_study, series_from_sitk
+from tests.peers import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TCGA = SHARED_DATA / "brats" / "TCGA-FG-6692-preprocessed"
 
 ALGORITHM = AlgorithmDescription(
@@ -60,7 +60,7 @@ def tumour(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
 
     def box(z0, z1, y0, y1, x0, x1):
         scale = np.array(shape * 2).reshape(2, 3).T.ravel() / np.array((24, 24, 32, 32, 32, 32))
-        z0, z1, y0, y1, x0, x1 = (int(v * f) for v, f in zip((z0, z1, y0, y1, x0, x1), scale))
+        z0, z1, y0, y1, x0, x1 = (int(v * f) for v, f in zip((z0, z1, y0, y1, x0, x1), scale, strict=True))
         return slice(z0, max(z1, z0 + 1)), slice(y0, max(y1, y0 + 1)), slice(x0, max(x1, x0 + 1))
 
     labels[box(6, 16, 6, 22, 9, 27)] = 2
@@ -309,7 +309,7 @@ def test_sr_volumes_equal_seg_voxel_counts_times_voxel_volume(written: Written) 
 
     rois = sr.content.get_volumetric_roi_measurement_groups()
     assert [roi.tracking_identifier for roi in rois] == [s.label for s in bw.SEGMENTS]
-    for roi, segment in zip(rois, bw.SEGMENTS):
+    for roi, segment in zip(rois, bw.SEGMENTS, strict=True):
         assert volume_of(roi).value == pytest.approx(counts[segment.number] * VOXEL_ML, rel=1e-12, abs=0)
 
     regions = {group.tracking_identifier: group for group in sr.content.get_image_measurement_groups()}
@@ -327,7 +327,7 @@ def test_sr_volumes_equal_seg_voxel_counts_times_voxel_volume(written: Written) 
 def test_sr_groups_reference_their_segments_and_the_source_series(written: Written) -> None:
     seg, sr = written.seg, written.sr_read
     reference_series = written.reference[0].SeriesInstanceUID
-    for roi, segment in zip(sr.content.get_volumetric_roi_measurement_groups(), bw.SEGMENTS):
+    for roi, segment in zip(sr.content.get_volumetric_roi_measurement_groups(), bw.SEGMENTS, strict=True):
         assert roi.reference_type == codes.DCM.ReferencedSegment
         referenced = roi.referenced_segment
         assert referenced.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -532,7 +532,7 @@ def test_sanitize_series_gives_highdicom_what_sanitize_sources_gives(study) -> N
     images[5].PixelSpacing = [1.0, 1.5]  # a series-wide value that differs: checked on its own
     fast, fast_repairs = sanitize_series(images)
     full, full_repairs = sanitize_sources(images)
-    for k, (a, b) in enumerate(zip(fast, full)):
+    for k, (a, b) in enumerate(zip(fast, full, strict=True)):
         for keyword in ("SOPInstanceUID", "ImagePositionPatient", "InstanceNumber", "PixelSpacing", "StudyInstanceUID"):
             assert a.get(keyword) == b.get(keyword), (k, keyword)
     assert fast[0] == full[0] and fast[5] == full[5]

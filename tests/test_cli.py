@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from node.cli import app, parse_peer
-from tests.peers import REPO, free_port
+from tests.peers import REPO, free_port, node_sections, write_node_toml
 from tests.test_receive import make_receiver
 
 runner = CliRunner()
@@ -57,8 +57,7 @@ def test_echo_send_status_and_offline_run(tmp_path, rg1_uncr, monkeypatch):
         receiver.stop()
         index.close()
 
-    config = tmp_path / "node.toml"
-    config.write_text(f'[storage]\nindex_url = "sqlite:///{tmp_path / "index.db"}"\n')
+    config = write_node_toml(tmp_path / "node.toml", node_sections(tmp_path))  # the receiver's
     status = runner.invoke(app, ["status", "--json", "--config", str(config)])
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["counts"]["series"] == {"receiving": 1}
@@ -124,11 +123,7 @@ def _dispatch_setup(tmp_path, port: int, aet: str = "PACS"):
     from tests.test_dispatch import _config, _dest
 
     cfg = _config(tmp_path, {"pacs": _dest(port, aet)})
-    toml = tmp_path / "node.toml"
-    toml.write_text(
-        f'[storage]\nindex_url = "{cfg.storage.index_url}"\n'
-        f'[destinations.pacs]\nkind = "dicom"\nae_title = "{aet}"\nhost = "127.0.0.1"\nport = {port}\n'
-    )
+    toml = write_node_toml(tmp_path / "node.toml", node_sections(tmp_path, destinations={"pacs": _dest(port, aet)}))
     return cfg, toml
 
 

@@ -24,15 +24,8 @@ ROUTE = {
 
 
 @pytest.fixture
-def node_state(tmp_path):
-    cfg = load_config(
-        None,
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "q"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-        },
+def node_state(node_config):
+    cfg = node_config(
         completion={"series_idle_seconds": 10, "complete_on_release": True, "unmatched_retention_hours": 1},
         routes=[ROUTE],
         destinations={"pacs": {"kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
@@ -75,12 +68,13 @@ def test_match_lists_regex_and_absent():
 
 
 def test_bad_rules_are_refused_naming_the_key():
+    pacs = {"pacs": {"kind": "dicom", "ae_title": "P", "host": "h", "port": 1}}
     with pytest.raises(ConfigError, match=r"routes\.0\.match.*Modalty.*not a DICOM keyword"):
-        load_config(None, routes=[{**ROUTE, "match": {"Modalty": ["CR"]}}], destinations={"pacs": {"kind": "dicom", "ae_title": "P", "host": "h", "port": 1}})
+        load_config(None, routes=[{**ROUTE, "match": {"Modalty": ["CR"]}}], destinations=pacs)
     with pytest.raises(ConfigError, match=r"routes\[0\]\.destinations.*'pacs' is not defined"):
         load_config(None, routes=[ROUTE])
     with pytest.raises(ConfigError, match="invalid regular expression"):
-        load_config(None, routes=[{**ROUTE, "match": {"SeriesDescription": "(unclosed"}}], destinations={"pacs": {"kind": "dicom", "ae_title": "P", "host": "h", "port": 1}})
+        load_config(None, routes=[{**ROUTE, "match": {"SeriesDescription": "(unclosed"}}], destinations=pacs)
 
 
 def test_series_completes_after_idle_and_is_routed(node_state, rg1_uncr):

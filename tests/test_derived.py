@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 
 from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,

@@ -17,11 +17,11 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from node.config import RetryPolicy, load_config
+from node.config import RetryPolicy
 from node.dispatch import Dispatcher
 from node.index import Index
 from node.spool import Spool
-from tests.peers import free_port, wait_for
+from tests.peers import free_port, node_config_for, wait_for
 
 
 class StoreSCP:
@@ -59,14 +59,8 @@ class StoreSCP:
 
 
 def _config(tmp_path, destinations: dict, retry: dict | None = None):
-    return load_config(
-        None,
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "q"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-        },
+    return node_config_for(
+        tmp_path,
         destinations=destinations,
         retry=retry or {"max_attempts": 5, "initial_delay_seconds": 0.2, "multiplier": 2, "max_delay_seconds": 1, "jitter": 0},
     )

@@ -20,7 +20,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from tests.peers import REPO, NodeProcess, free_port, storescu, wait_for
+from tests.peers import REPO, NodeProcess, free_port, node_sections, storescu, wait_for, write_node_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,45 +53,21 @@ def write_node_config(
     """A node configuration sending the results of ``routes`` (default: the
     pneumonia route) to ``orthanc``."""
     ports = {"node": free_port(), "api": free_port()}
-    completion = {"sweep_interval_seconds": 0.5, "series_idle_seconds": 5, "complete_on_release": "true"} | (
-        completion or {}
-    )
     if kind == "dicom":
-        dest = f'kind = "dicom"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}'
+        dest = {"kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     else:
-        dest = f'kind = "dicomweb"\nurl = "{orthanc.dicomweb_url}"'
-    retry = retry or {"max_attempts": 20, "initial_delay_seconds": 0.5, "multiplier": 1.5, "max_delay_seconds": 2}
-    text = f"""
-[node]
-ae_title = "AINODE"
-bind_address = "127.0.0.1"
-port = {ports['node']}
-
-[storage]
-spool_dir = "{workdir}/spool"
-quarantine_dir = "{workdir}/quarantine"
-outbox_dir = "{workdir}/outbox"
-index_url = "sqlite:///{workdir}/index.db"
-
-[completion]
-{chr(10).join(f'{k} = {v}' for k, v in completion.items())}
-{routes}
-[destinations.pacs]
-{dest}
-
-[retry]
-{chr(10).join(f'{k} = {v}' for k, v in retry.items())}
-
-[worker]
-torch_threads = 2
-
-[api]
-bind_address = "127.0.0.1"
-port = {ports['api']}
-"""
-    path = workdir / "node.toml"
-    path.write_text(text)
-    return path, ports
+        dest = {"kind": "dicomweb", "url": orthanc.dicomweb_url}
+    sections = node_sections(
+        workdir,
+        node={"ae_title": "AINODE", "bind_address": "127.0.0.1", "port": ports["node"]},
+        completion={"sweep_interval_seconds": 0.5, "series_idle_seconds": 5, "complete_on_release": True}
+        | (completion or {}),
+        destinations={"pacs": dest},
+        retry=retry or {"max_attempts": 20, "initial_delay_seconds": 0.5, "multiplier": 1.5, "max_delay_seconds": 2},
+        worker={"torch_threads": 2},
+        api={"bind_address": "127.0.0.1", "port": ports["api"]},
+    )
+    return write_node_toml(workdir / "node.toml", sections, routes), ports
 
 
 def derived_in_orthanc(orthanc, study_uid: str) -> dict[str, list[str]]:

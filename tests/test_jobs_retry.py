@@ -11,12 +11,11 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.config import load_config
 from node.index import Delivery, Index, InstanceRecord, JobState, Result, utcnow
 from node.run import Runner
 from node.service import Node
 from node.spool import Spool, read_header
-from tests.peers import free_port, wait_for
+from tests.peers import free_port, node_config_for, node_sections, wait_for, write_node_toml
 from tests.test_dispatch import StoreSCP
 from tests.test_outcomes import BROAD_RULE, small_cr
 
@@ -24,16 +23,10 @@ cli = CliRunner()
 
 
 def make_config(tmp_path, pacs_port: int = 104, **sections):
-    return load_config(
-        None,
+    return node_config_for(
+        tmp_path,
         node={"bind_address": "127.0.0.1", "port": free_port()},
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "quarantine"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-            "fsync": False,
-        },
+        storage={"fsync": False},
         completion={"sweep_interval_seconds": 0.2, "series_idle_seconds": 300},
         routes=[BROAD_RULE],
         destinations={"pacs": {"kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
@@ -44,9 +37,8 @@ def make_config(tmp_path, pacs_port: int = 104, **sections):
 
 
 def cli_config(tmp_path) -> str:
-    path = tmp_path / "cli.toml"
-    path.write_text(f'[storage]\nindex_url = "sqlite:///{tmp_path / "index.db"}"\n')
-    return str(path)
+    """The same node as a TOML file for the CLI."""
+    return str(write_node_toml(tmp_path / "cli.toml", node_sections(tmp_path)))
 
 
 def spooled_job(index: Index, spool: Spool, ds=None) -> int:
@@ -111,7 +103,8 @@ def new_job(index: Index, pipeline: str = "pneumonia") -> int:
 
 
 def test_retry_selects_failed_jobs_and_only_named_not_applicable_ones(tmp_path, index):
-    failed_chest, failed_brain, not_applicable, done, queued = (new_job(index, p) for p in ("pneumonia", "brain_tumour", "pneumonia", "pneumonia", "pneumonia"))
+    pipelines = ("pneumonia", "brain_tumour", "pneumonia", "pneumonia", "pneumonia")
+    failed_chest, failed_brain, not_applicable, done, queued = (new_job(index, p) for p in pipelines)
     for job_id in (failed_chest, failed_brain, not_applicable, done):
         assert index.claim_job().id == job_id
     index.fail_job(failed_chest, "bad input")

@@ -32,7 +32,7 @@ from node.orthanc_routing import SECTION, routing_section
 from pipelines.registry import discover
 from pipelines.spec import Level, PipelineSpec
 from tests.dicom_checks import run_dciodvfy
-from tests.peers import REPO, NodeProcess, Orthanc, require_orthanc, storescu, wait_for
+from tests.peers import REPO, NodeProcess, Orthanc, node_sections, require_orthanc, storescu, wait_for, write_node_toml
 from tests.test_end_to_end import write_node_config
 
 TINY_PACKAGE = {
@@ -215,23 +215,12 @@ print(json.dumps({
 
 
 def test_config_and_node_take_the_plugin_without_importing_torch(plugin_path, tmp_path):
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[storage]
-spool_dir = "{tmp_path}/spool"
-quarantine_dir = "{tmp_path}/quarantine"
-outbox_dir = "{tmp_path}/outbox"
-index_url = "sqlite:///{tmp_path}/index.db"
-
-[destinations.pacs]
-kind = "dicom"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = 4242
-{TINY_ROUTE}
-[api]
-enabled = false
-""")
+    sections = node_sections(
+        tmp_path,
+        destinations={"pacs": {"kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
+        api={"enabled": False},
+    )
+    config = write_node_toml(tmp_path / "node.toml", sections, TINY_ROUTE)
     run = subprocess.run([sys.executable, "-c", _NO_TORCH, str(config)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path, env=_env(plugin_path))
     assert run.returncode == 0, run.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -17,22 +16,16 @@ from models.registry import ModelRegistry, sha256_file
 from pipelines.pneumonia.model import PneumoniaModel, cam_mask
 from pipelines.pneumonia.preprocess import dicom_to_image
 from pipelines.pneumonia.settings import PneumoniaSettings
-from pipelines.pneumonia.train import (
-    TrainConfig,
-    bootstrap_ci,
-    read_labels,
-    split_by_patient,
-    train_pneumonia,
-    youden_threshold,
-)
+from pipelines.pneumonia.train import TrainConfig, train_pneumonia
+from pipelines.pneumonia.train_data import read_labels, split_by_patient
+from pipelines.pneumonia.train_metrics import bootstrap_ci, youden_threshold
+from tests.peers import REPO, SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RSNA_DCM = DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-CXR14 = DATA / "cxr14"
+RSNA_DCM = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+CXR14 = SHARED_DATA / "cxr14"
 DEMO = PneumoniaSettings().model
 needs_cxr14 = pytest.mark.skipif(
-    not (CXR14 / "labels.csv").is_file(), reason=f"real data folder ../shared/data absent ({DATA})"
+    not (CXR14 / "labels.csv").is_file(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})"
 )
 
 
@@ -195,7 +188,7 @@ def test_split_by_patient_is_disjoint_stratified_and_reproducible():
     sets = [set(v) for v in a.values()]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     assert set().union(*sets) == set(patients)
-    pos_patients = {p for p, y in zip(patients, pos) if y}
+    pos_patients = {p for p, y in zip(patients, pos, strict=True) if y}
     share = len(pos_patients & set(a["test"])) / len(pos_patients)
     assert abs(share - 0.3) < 0.06
     assert split_by_patient(patients, pos, 0.3, 0.15, seed=8) != a

@@ -17,19 +17,19 @@ from pipelines.pneumonia.preprocess import (
     CxrPreprocessor,
     PadToSquare,
     PixelSpacing,
-    Resize,
     ResampleIsotropic,
+    Resize,
     SourceImage,
     dicom_to_image,
     png_to_image,
     read_pixel_spacing,
     rescale_to_unit,
 )
+from tests.peers import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RSNA_DCM = DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-CXR14 = DATA / "cxr14"
-needs_data = pytest.mark.skipif(not RSNA_DCM.is_file(), reason=f"real data folder ../shared/data absent ({DATA})")
+RSNA_DCM = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+CXR14 = SHARED_DATA / "cxr14"
+needs_data = pytest.mark.skipif(not RSNA_DCM.is_file(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
 
 
 def _testdata(name: str) -> Path:
@@ -49,7 +49,7 @@ def rg1() -> pydicom.Dataset:
 @pytest.fixture()
 def rsna() -> pydicom.Dataset:
     if not RSNA_DCM.is_file():
-        pytest.skip(f"real data folder ../shared/data absent ({DATA})")
+        pytest.skip(f"real data folder ../shared/data absent ({SHARED_DATA})")
     return pydicom.dcmread(RSNA_DCM)
 
 
@@ -255,7 +255,7 @@ def test_geometry_maps_an_exact_model_pixel_to_its_source_block():
 # --------------------------------------------------------------------------- training images
 
 
-@pytest.mark.skipif(not (CXR14 / "labels.csv").is_file(), reason=f"real data folder ../shared/data absent ({DATA})")
+@pytest.mark.skipif(not (CXR14 / "labels.csv").is_file(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
 def test_training_png_goes_through_the_same_chain():
     first = sorted((CXR14 / "images").glob("*.png"))[0]
     src = png_to_image(first)

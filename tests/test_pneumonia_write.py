@@ -49,8 +49,8 @@ from pipelines.common.seg_geometry import (
 )
 from pipelines.pneumonia import write as pw
 from tests.dicom_checks import evaluation, measurement, read_sr, run_dciodvfy
+from tests.peers import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RSNA_CXR = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 ALGORITHM = AlgorithmDescription(
@@ -96,16 +96,16 @@ def segment_frames(seg: Dataset) -> list[tuple[str, int, np.ndarray]]:
     per_frame = seg.PerFrameFunctionalGroupsSequence
     assert len(per_frame) == count
     frames = []
+
+    def group(index: int, item: Dataset, keyword: str) -> Dataset:
+        sequence = item.get(keyword) or shared.get(keyword)
+        assert sequence, f"frame {index + 1}: no {keyword}"
+        return sequence[0]
+
     for index, item in enumerate(per_frame):
-
-        def group(keyword: str) -> Dataset:
-            sequence = item.get(keyword) or shared.get(keyword)
-            assert sequence, f"frame {index + 1}: no {keyword}"
-            return sequence[0]
-
-        source = group("DerivationImageSequence").SourceImageSequence
+        source = group(index, item, "DerivationImageSequence").SourceImageSequence
         assert len(source) == 1, f"frame {index + 1} is derived from {len(source)} images"
-        segment = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
+        segment = int(group(index, item, "SegmentIdentificationSequence").ReferencedSegmentNumber)
         frames.append((str(source[0].ReferencedSOPInstanceUID), segment, pixels[index]))
     return frames
 

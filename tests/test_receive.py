@@ -21,24 +21,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.config import load_config
 from node.index import Index
 from node.receive import Receiver
 from node.spool import Spool
-from tests.peers import free_port
+from tests.peers import free_port, node_config_for
 
 
 def make_receiver(tmp_path: Path, storage: dict | None = None, **node) -> tuple[Receiver, Index, Spool]:
-    cfg = load_config(
-        None,
+    cfg = node_config_for(
+        tmp_path,
         node={"ae_title": "AINODE", "bind_address": "127.0.0.1", "port": free_port(), **node},
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "quarantine"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-            **(storage or {}),
-        },
+        storage=storage or {},
     )
     spool = Spool(cfg.storage.spool_dir, cfg.storage.quarantine_dir, cfg.storage.outbox_dir)
     index = Index(cfg.storage.index_url)

@@ -21,7 +21,7 @@ from node.index import Index, InstanceRecord, JobState, Study, utcnow
 from node.retention import Retention
 from node.service import Node
 from node.spool import Spool, read_header
-from tests.peers import free_port, wait_for
+from tests.peers import free_port, node_config_for, wait_for
 from tests.test_outcomes import small_cr
 
 DAY = dt.timedelta(days=1)
@@ -157,17 +157,12 @@ def test_retention_settings_are_validated():
         load_config(None, retention={"interval_minutes": 0})
 
 
-def node_config(tmp_path, **sections):
-    return load_config(
-        None,
+def quiet_node_config(tmp_path, **sections):
+    """No API, no fsync: the node for the recovery and retention cases."""
+    return node_config_for(
+        tmp_path,
         node={"bind_address": "127.0.0.1", "port": free_port()},
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "quarantine"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-            "fsync": False,
-        },
+        storage={"fsync": False},
         api={"enabled": False},
         **sections,
     )
@@ -181,7 +176,7 @@ def temporary(folder: Path, name: str, size: int) -> Path:
 
 
 def test_recovery_removes_temporary_files_a_kill_left(tmp_path):
-    node = Node(node_config(tmp_path))
+    node = Node(quiet_node_config(tmp_path))
     try:
         st = node.config.storage
         left = [
@@ -202,7 +197,7 @@ def test_recovery_removes_temporary_files_a_kill_left(tmp_path):
 
 
 def test_the_node_runs_retention_at_start_up(tmp_path):
-    node = Node(node_config(tmp_path, retention={"quarantine_days": 1, "interval_minutes": 60}))
+    node = Node(quiet_node_config(tmp_path, retention={"quarantine_days": 1, "interval_minutes": 60}))
     old = aged(node.spool.quarantine(b"refused long ago", "refused", {}), 2)
     try:
         node.start()

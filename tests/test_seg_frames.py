@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+
 import highdicom as hd
 import numpy as np
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from pipelines.common.seg_frames import omit_empty_frames, segmentation_frames
+from pipelines.common.seg_frames import (
+    omit_empty_frames,
+    segment_frame_numbers,
+    segment_voxel_counts,
+    segmentation_frames,
+)
 from tests.dicom_checks import run_dciodvfy
 
 
@@ -98,3 +105,23 @@ def test_nothing_to_drop_and_all_empty():
     empty = build(sources, np.zeros_like(mask), False, generate_uid())
     compact = omit_empty_frames(empty)
     assert compact.NumberOfFrames == 1  # a SEG needs one frame
+
+
+def test_one_segmentation_check_and_one_frame_reader():
+    """Every reader of SEG frames refuses what is not a Segmentation with the
+    same check, and the voxel counts and segment per frame come from the
+    same frames that the compact variant keeps."""
+    sources = ct_series(3)
+    rows, cols = sources[0].Rows, sources[0].Columns
+    mask = np.zeros((3, rows, cols, 2), dtype=bool)
+    mask[0, :4, :5, 0] = True  # 20 pixels of segment 1 on slice 0
+    mask[2, :3, :3, 1] = True  # 9 pixels of segment 2 on slice 2
+    full = build(sources, mask, False, generate_uid())
+    assert segment_voxel_counts(full) == {1: 20, 2: 9}
+    assert segment_frame_numbers(full, 1) == [1, 2, 3] and segment_frame_numbers(full, 2) == [4, 5, 6]
+    compact = omit_empty_frames(full)
+    assert segment_voxel_counts(compact) == {1: 20, 2: 9}
+    assert segment_frame_numbers(compact, 1) == [1] and segment_frame_numbers(compact, 2) == [2]
+    for reader in (segmentation_frames, omit_empty_frames, segment_voxel_counts):
+        with pytest.raises(ValueError, match="seg must be a Segmentation"):
+            reader(sources[0])

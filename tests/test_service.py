@@ -16,24 +16,16 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from node.config import load_config
 from node.service import Node
 from tests.peers import free_port, wait_for
 from tests.test_dispatch import StoreSCP
 
 
 @pytest.fixture
-def running(tmp_path):
+def running(node_config):
     pacs = StoreSCP(free_port()).start()
-    cfg = load_config(
-        None,
+    cfg = node_config(
         node={"bind_address": "127.0.0.1", "port": free_port()},
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "quarantine"),
-            "outbox_dir": str(tmp_path / "outbox"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-        },
         completion={"sweep_interval_seconds": 0.2, "series_idle_seconds": 30, "complete_on_release": True},
         routes=[
             {

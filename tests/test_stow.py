@@ -21,10 +21,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
-from node.config import load_config
 from node.index import Index, InstanceRecord, utcnow
 from node.service import Node
-from tests.peers import NodeProcess, Orthanc, free_port, require_orthanc, wait_for
+from tests.peers import NodeProcess, Orthanc, free_port, node_config_for, require_orthanc, wait_for
 
 INGEST_TOKEN = secrets.token_urlsafe(32)
 READ_TOKEN = secrets.token_urlsafe(32)
@@ -42,16 +41,9 @@ def node(tmp_path, monkeypatch):
     def start(**api) -> Node:
         monkeypatch.setenv("AINODE_TEST_STOW_INGEST", INGEST_TOKEN)
         monkeypatch.setenv("AINODE_TEST_STOW_READ", READ_TOKEN)
-        folder = tmp_path / f"node{len(started)}"
-        cfg = load_config(
-            None,
+        cfg = node_config_for(
+            tmp_path / f"node{len(started)}",
             node={"bind_address": "127.0.0.1", "port": free_port()},
-            storage={
-                "spool_dir": str(folder / "spool"),
-                "quarantine_dir": str(folder / "quarantine"),
-                "outbox_dir": str(folder / "outbox"),
-                "index_url": f"sqlite:///{folder / 'index.db'}",
-            },
             completion={"sweep_interval_seconds": 0.2, "stow_idle_seconds": 1.0, "series_idle_seconds": 60},
             api={
                 "bind_address": "127.0.0.1",

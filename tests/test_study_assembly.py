@@ -91,15 +91,8 @@ def test_study_rule_needs_known_roles():
 
 
 @pytest.fixture
-def state(tmp_path):
-    cfg = load_config(
-        None,
-        storage={
-            "spool_dir": str(tmp_path / "spool"),
-            "quarantine_dir": str(tmp_path / "q"),
-            "outbox_dir": str(tmp_path / "o"),
-            "index_url": f"sqlite:///{tmp_path / 'index.db'}",
-        },
+def state(node_config):
+    cfg = node_config(
         completion={"series_idle_seconds": 10, "study_idle_seconds": 5, "force_complete_seconds": 60},
         routes=[BRAIN],
         destinations={"pacs": {"kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}},

@@ -30,7 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.peers import REPO, NodeProcess, free_port, wait_for
+from tests.peers import REPO, NodeProcess, free_port, node_sections, wait_for, write_node_toml
 
 ARTIFACTS = REPO / "test-artifacts" / "reliability"
 NODE_AE = "AINODE"
@@ -172,20 +172,6 @@ def temporary_files(*roots: Path) -> list[Path]:
 # -- the node as a process -----------------------------------------------------------------
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
 @dataclass
 class NodeSetup:
     """A configuration file for ``ainode serve`` and what the test needs of it."""
@@ -221,39 +207,22 @@ def write_config(
     workdir.mkdir(parents=True, exist_ok=True)
     data = data_dir or workdir / "var"
     port, api_port = free_port(), free_port()
-    sections: dict[str, dict] = {
-        "node": {"ae_title": NODE_AE, "bind_address": "127.0.0.1", "port": port},
-        "storage": {
-            "spool_dir": data / "spool",
-            "quarantine_dir": data / "quarantine",
-            "outbox_dir": data / "outbox",
-            "index_url": f"sqlite:///{data / 'index.db'}",
-            **(storage or {}),
-        },
-        "completion": {"sweep_interval_seconds": 0.5, "series_idle_seconds": 3, "complete_on_release": True}
+    sections = node_sections(
+        data,
+        node={"ae_title": NODE_AE, "bind_address": "127.0.0.1", "port": port},
+        storage=storage or {},
+        completion={"sweep_interval_seconds": 0.5, "series_idle_seconds": 3, "complete_on_release": True}
         | (completion or {}),
-        "retry": {"max_attempts": 200, "initial_delay_seconds": 0.3, "multiplier": 1.5, "max_delay_seconds": 1.5}
+        retry={"max_attempts": 200, "initial_delay_seconds": 0.3, "multiplier": 1.5, "max_delay_seconds": 1.5}
         | (retry or {}),
         # One torch thread leaves a core to the rest; without routes torch is
         # never imported (setting threads would import it).
-        "worker": ({"torch_threads": 1} if routes else {}) | (worker or {}),
-        "api": {"bind_address": "127.0.0.1", "port": api_port},
-    }
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-        lines.append("")
-    for route in routes:
-        lines.append("[[routes]]")
-        lines += [f"{k} = {_toml(v)}" for k, v in route.items()]
-        lines.append("")
-    for name, dest in (destinations or {}).items():
-        lines.append(f"[destinations.{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in dest.items()]
-        lines.append("")
-    path = workdir / "node.toml"
-    path.write_text("\n".join(lines))
+        worker=({"torch_threads": 1} if routes else {}) | (worker or {}),
+        api={"bind_address": "127.0.0.1", "port": api_port},
+        routes=list(routes),
+        destinations=destinations or {},
+    )
+    path = write_node_toml(workdir / "node.toml", sections)
     return NodeSetup(
         workdir, path, port, api_port, NODE_AE, data / "spool", data / "quarantine", data / "outbox", data / "index.db"
     )

@@ -12,6 +12,7 @@ and Study Date.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -35,8 +36,8 @@ from node.api.models import (
     StudyPage,
     Timeline,
 )
+from node.findings import read_finding
 from node.index import DeliveryState, JobState, SeriesState
-from node.results import sr_values
 
 log = structlog.get_logger("node.api")
 
@@ -157,12 +158,12 @@ async def job_results(job_id: Annotated[int, PathParam(ge=0, le=2**62)], node: N
     for row in rows:
         if row.modality == "SR" and Path(row.path).is_file():
             try:
-                found, judged = await run_in_threadpool(sr_values, Path(row.path))
+                finding = await run_in_threadpool(read_finding, Path(row.path))
             except Exception as exc:  # an SR another tool wrote, damaged on disk: links still help
                 log.warning("result_sr_unreadable", path=row.path, error=f"{type(exc).__name__}: {exc}")
                 continue
-            measurements += found
-            evaluations += judged
+            measurements += [asdict(m) for m in finding.measurements]
+            evaluations += [asdict(e) for e in finding.evaluations]
     objects = [
         ResultObject(
             sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid, modality=r.modality,
