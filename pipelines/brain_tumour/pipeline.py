@@ -28,8 +28,9 @@ from pydicom import Dataset
 from models.registry import ModelRegistry
 from pipelines.base import PipelineContext, PipelineNotApplicable, Study
 from pipelines.brain_tumour.model import BrainTumourModel
-from pipelines.brain_tumour.preprocess import DeepbetExtractor, preprocess_study, to_reference
+from pipelines.brain_tumour.preprocess import preprocess_study, to_reference
 from pipelines.brain_tumour.settings import ROLES, BrainTumourSettings
+from pipelines.brain_tumour.skull_strip import DeepbetExtractor
 from pipelines.brain_tumour.volume import series_to_image
 from pipelines.brain_tumour.write import PIPELINE, measure_volumes, write_seg, write_sr
 from pipelines.common.identity import AlgorithmDescription
@@ -159,13 +160,12 @@ class BrainTumourPipeline:
         )
         sr, _ = write_sr(list(reference.datasets), seg, sources=sources, algorithm=self.algorithm, context=context)
         timings["write"] = time.perf_counter() - t
-        if log:
-            for repair in repairs:
-                log.info("source_value_repaired", repair=str(repair))
-            log.info(
-                "brain_tumour_result",
-                model=self.model_version,
-                volumes_ml=measure_volumes(list(reference.datasets), seg).as_log(),
-                roles={role: datasets[0].SeriesInstanceUID for role, datasets in sources.items()},
-            )
+        for repair in repairs:
+            log.info("source_value_repaired", repair=str(repair))
+        log.info(
+            "brain_tumour_result",
+            model=self.model_version,
+            volumes_ml=measure_volumes(list(reference.datasets), seg).as_log(),
+            roles={role: datasets[0].SeriesInstanceUID for role, datasets in sources.items()},
+        )
         return [seg, sr]

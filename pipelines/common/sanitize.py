@@ -9,6 +9,8 @@ therefore builds a metadata-only copy of a source image that holds only what a
 derived object takes from it, each value checked per VR (PS3.5 6.2) with
 pydicom's own validators, repaired where one reading is certain, dropped
 otherwise, and every change recorded as a :class:`Repair` for the job log.
+The checks of one element are in :mod:`pipelines.common.element_repair`, those
+of one text value per VR in :mod:`pipelines.common.value_repair`.
 
 Values that are valid but odd stay as they are: a Patient Name that is a bare
 UUID, an empty Study ID or Accession Number, a placeholder Study Date such as
@@ -18,14 +20,10 @@ in the PACS; only a value that breaks the standard is touched.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import math
-import re
 from collections.abc import Sequence
 from copy import deepcopy
-from dataclasses import dataclass
-from typing import Any
 
 # highdicom's own tables of the standard (PS3.3 IOD -> module -> attribute):
 # the same ones its ``copy_patient_and_study_information`` walks, so we check
@@ -37,15 +35,22 @@ from highdicom._standard_utils import (
 )
 from pydicom import config
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import MAX_VALUE_LEN, format_number_as_ds, validate_value
+from pydicom.valuerep import validate_value
 
 # Faults of the source image are input faults (a ValueError subclass).
 from pipelines.base import PipelineInputError
+from pipelines.common.element_repair import (
+    TYPE2_IN_DERIVED,
+    Repair,
+    as_strings,
+    read_element,
+    sanitize_element,
+    vm_allows,
+)
+from pipelines.common.value_repair import PATIENT_ORIENTATION, TEXT_VRS, sanitize_text
 
 __all__ = [
     "Repair",
@@ -56,21 +61,6 @@ __all__ = [
     "sanitize_sources",
     "find_invalid_values",
 ]
-
-#: Attributes that are Type 2 in every derived object we write (Patient,
-#: General Study modules, PS3.3 C.7.1.1, C.7.2.1) and that highdicom reads
-#: unconditionally from the source: an invalid value becomes empty, not absent.
-TYPE2_IN_DERIVED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 # UIDs a derived object must repeat exactly; OHIF draws nothing if a SEG's
 # references differ from the stored series. An invalid one cannot be repaired.
@@ -117,73 +107,8 @@ _VERBATIM_KEYWORDS = (
     "PerFrameFunctionalGroupsSequence",
 )
 
-# Enumerated values (PS3.3) of attributes in the copied modules; highdicom
-# raises on an unknown Patient's Sex, a PACS may reject the others.
-_ENUMERATED: dict[str, tuple[frozenset[str], dict[str, str]]] = {
-    "PatientSex": (frozenset({"M", "F", "O"}), {"MALE": "M", "FEMALE": "F", "OTHER": "O"}),
-    "PatientSexNeutered": (frozenset({"ALTERED", "UNALTERED"}), {}),
-    "QualityControlSubject": (frozenset({"YES", "NO"}), {}),
-    "PatientIdentityRemoved": (frozenset({"YES", "NO"}), {}),
-    "SmokingStatus": (frozenset({"YES", "NO", "UNKNOWN"}), {}),
-}
-
 _GEOMETRY_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 _GEOMETRY_LENGTHS = ("SliceThickness", "SpacingBetweenSlices")
-
-# PS3.5 6.2: control characters other than ESC are not allowed in these VRs;
-# LT, ST and UT may also hold TAB, LF, FF and CR.
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
-_CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
-_MULTILINE_VRS = frozenset({"LT", "ST", "UT"})
-_TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
-)
-# VRs whose leading/trailing spaces carry no meaning (PS3.5 6.2).
-_STRIPPED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
-
-_DATE = re.compile(r"\d{8}")
-_DATE_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
-_TIME = re.compile(r"([01]\d|2[0-3])(?:([0-5]\d)(?:(60|[0-5]\d)(\.\d{1,6})?)?)?")
-_TIME_COLONS = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::(60|[0-5]\d)(\.\d{1,6})?)?")
-_DATETIME = re.compile(
-    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:([01]\d|2[0-3])(?:([0-5]\d)(?:(60|[0-5]\d)(\.\d{1,6})?)?)?)?)?)?"
-    r"([+-](?:[01]\d|2[0-3])[0-5]\d)?"
-)
-_AGE = re.compile(r"(\d{1,3})\s*([DWMYdwmy]?)")
-_PATIENT_ORIENTATION = re.compile(
-    # PS3.3 C.7.6.1.1.1: biped A P R L H F, quadruped LE RT D V CR CD R M PA PL DI PR.
-    r"(?:[APRLHF]|LE|RT|D|V|CR|CD|M|PA|PL|DI|PR)+"
-)
-_INT32 = (-(2**31), 2**31 - 1)
-
-
-@dataclass(frozen=True)
-class Repair:
-    """One change made to a value taken from a source image.
-
-    Attributes
-    ----------
-    attribute:
-        Keyword path, e.g. ``"PatientAge"`` or ``"OtherPatientIDsSequence[0].PatientID"``.
-    original:
-        The source's value as text (multiple values joined by ``\\``);
-        ``None`` when the attribute was absent.
-    replacement:
-        The value written instead; ``""`` for an empty Type 2 value,
-        ``None`` when the attribute was left out.
-    reason:
-        Why, citing the rule that the original value broke.
-    """
-
-    attribute: str
-    original: str | None
-    replacement: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        new = "left out" if self.replacement is None else repr(self.replacement)
-        old = "absent" if self.original is None else repr(self.original)
-        return f"{self.attribute}: {old} -> {new} ({self.reason})"
 
 
 def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
@@ -237,7 +162,7 @@ def sanitize_source(source: Dataset) -> tuple[Dataset, list[Repair]]:
         tag = tag_for_keyword(keyword)
         if tag is None or tag not in source or tag in proxy:
             continue
-        element = _sanitize_element(_read_element(source, tag), keyword, repairs)
+        element = sanitize_element(read_element(source, tag), keyword, repairs)
         if element is not None:
             proxy.add(element)
     for keyword in _VERBATIM_KEYWORDS:
@@ -365,7 +290,7 @@ def sanitize_series(images: Sequence[Dataset]) -> tuple[list[Dataset], list[Repa
             if tag in proxy:
                 del proxy[tag]
             if tag in image:
-                element = _sanitize_element(_read_element(image, tag), keyword, found)
+                element = sanitize_element(read_element(image, tag), keyword, found)
                 if element is not None:
                     proxy.add(element)
         problem = _orientation_problem(proxy)
@@ -403,7 +328,7 @@ def reference_proxy(image: Dataset) -> Dataset:
     for keyword in ("Modality", "Rows", "Columns", "NumberOfFrames", *_GEOMETRY_SPACINGS):
         tag = _tag(keyword)
         if tag in image:
-            element = _sanitize_element(_read_element(image, tag), keyword, ignored)
+            element = sanitize_element(read_element(image, tag), keyword, ignored)
             if element is not None and element.value not in (None, ""):
                 proxy.add(element)
     _sanitize_geometry(proxy, ignored)
@@ -506,348 +431,13 @@ def _dictionary_vr(keyword: str) -> str:
     return dictionary_VR(_tag(keyword))
 
 
-def _read_element(dataset: Dataset, tag: int) -> DataElement:
-    """``dataset[tag]``; where pydicom cannot convert the encoded value, an
-    element holding the encoded text instead, for the checks to judge."""
-    try:
-        return dataset[tag]
-    except (ValueError, TypeError, OverflowError, UnicodeError):
-        raw = dataset.get_item(tag)
-        vr = raw.VR or dictionary_VR(tag)
-        value = raw.value
-        text = (value.decode("latin-1") if isinstance(value, bytes) else str(value)).rstrip("\x00 ")
-        parts = [text] if vr in _MULTILINE_VRS else text.split("\\")
-        # UC holds any text, several values, unconverted; then the real VR.
-        element = DataElement(tag, "UC", parts if len(parts) > 1 else parts[0])
-        element.VR = vr
-        return element
-
-
-def _sanitize_element(element: DataElement, path: str, repairs: list[Repair]) -> DataElement | None:
-    """A checked copy of ``element``, or ``None`` to leave it out."""
-    keyword = element.keyword or path
-    vr = element.VR
-    if vr == "SQ":
-        items = []
-        for index, item in enumerate(element.value):
-            clean = Dataset()
-            for tag in list(item.keys()):
-                sub_keyword = keyword_for_tag(tag)
-                if tag.is_private or not sub_keyword:
-                    continue
-                fixed = _sanitize_element(_read_element(item, tag), f"{path}[{index}].{sub_keyword}", repairs)
-                if fixed is not None:
-                    clean.add(fixed)
-            items.append(clean)
-        return DataElement(element.tag, "SQ", DicomSequence(items))
-    if vr not in _TEXT_VRS:
-        return _sanitize_binary(element, path, repairs)
-
-    original = _as_strings(element)
-    values: list[str] = []
-    reasons: list[str] = []
-    for text in original:
-        fixed_text, reason = _sanitize_text(vr, keyword, text)
-        if reason:
-            reasons.append(reason)
-        if fixed_text is not None:
-            values.append(fixed_text)
-        elif len(original) > 1:
-            # One bad value of several: the rest would shift meaning, drop all.
-            values = []
-            reasons.append("one of its values is invalid")
-            break
-    if values and not _vm_allows(element.tag, len(values)):
-        reasons.append(f"Value Multiplicity {len(values)}, PS3.6 requires {dictionary_VM(element.tag)}")
-        values = []
-
-    if not reasons:
-        return DataElement(element.tag, vr, _value_for(values))
-    old = "\\".join(original)
-    if values:
-        new_text = "\\".join(values)
-        repairs.append(Repair(path, old, new_text, "; ".join(reasons)))
-        return DataElement(element.tag, vr, _value_for(values))
-    if keyword in TYPE2_IN_DERIVED:
-        repairs.append(Repair(path, old, "", "; ".join(reasons)))
-        return DataElement(element.tag, vr, None)
-    repairs.append(Repair(path, old, None, "; ".join(reasons)))
-    return None
-
-
-def _sanitize_binary(element: DataElement, path: str, repairs: list[Repair]) -> DataElement | None:
-    value = element.value
-    if element.VR in ("FL", "FD"):
-        numbers = list(value) if isinstance(value, (list, MultiValue)) else ([] if value is None else [value])
-        if any(not math.isfinite(float(v)) for v in numbers):
-            repairs.append(Repair(path, "\\".join(map(str, numbers)), None, "not a finite number"))
-            return None
-    elif element.VR in ("US", "UL", "SS", "SL", "UV", "SV") and value is not None:
-        numbers = list(value) if isinstance(value, (list, MultiValue)) else [value]
-        for v in numbers:
-            try:
-                validate_value(element.VR, v, config.RAISE)
-            except ValueError as exc:
-                repairs.append(Repair(path, "\\".join(map(str, numbers)), None, str(exc)))
-                return None
-    keyword = element.keyword
-    if keyword == "PregnancyStatus" and value not in (None, 1, 2, 3, 4):
-        repairs.append(Repair(path, str(value), None, "enumerated values are 1, 2, 3, 4 (PS3.3 C.7.2.2)"))
-        return None
-    return deepcopy(element)
-
-
-def _as_strings(element: DataElement) -> list[str]:
-    """The element's values as the text that was encoded."""
-    value = element.value
-    if value is None or value == "":
-        return []
-    items = list(value) if isinstance(value, (list, MultiValue)) else [value]
-    texts = []
-    for item in items:
-        # DSfloat/IS keep the string they were read from: use it, not a
-        # re-format (PersonName keeps encoded bytes there; str() decodes).
-        original = getattr(item, "original_string", None)
-        if isinstance(item, bytes):
-            texts.append(item.decode("latin-1"))
-        elif isinstance(original, str):
-            texts.append(original)
-        else:
-            texts.append(str(item))
-    return texts
-
-
-def _value_for(values: list[str]) -> Any:
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-def _vm_allows(tag: int, count: int) -> bool:
-    """Whether ``count`` values fit the Value Multiplicity of PS3.6."""
-    if count == 0:
-        return True
-    try:
-        low_text, _, high = dictionary_VM(tag).partition("-")
-        low = int(low_text)
-        if not high:
-            return count == low
-        if high == "n":
-            return count >= low
-        if high.endswith("n"):
-            return count >= low and count % int(high[:-1]) == 0
-        return low <= count <= int(high)
-    except (KeyError, ValueError):
-        # Not in the dictionary, or a VM spelled another way: nothing to check.
-        return True
-
-
-# -- values -------------------------------------------------------------------
-
-
-# Pure function of its arguments; a series repeats most values (codes, UIDs,
-# spacings) hundreds of times, so a cache halves the checks of a 465-frame SEG.
-@functools.lru_cache(maxsize=65536)
-def _sanitize_text(vr: str, keyword: str, text: str) -> tuple[str | None, str | None]:
-    """Return ``(value, reason)``: the value to write (``None``: none) and why
-    it differs from ``text`` (``None``: it does not)."""
-    reasons: list[str] = []
-    value = text
-    control = _CONTROL_MULTILINE if vr in _MULTILINE_VRS else _CONTROL
-    if control.search(value):
-        value = control.sub(" ", value)
-        reasons.append(f"control characters are not allowed in {vr} (PS3.5 6.2)")
-    if vr in _STRIPPED_VRS:
-        value = value.strip(" \x00")
-    elif vr != "PN":
-        value = value.rstrip(" ")
-
-    fixed, reason = _REPAIRS.get(vr, _keep)(value, keyword)
-    if reason:
-        reasons.append(reason)
-    if fixed is not None and keyword in _ENUMERATED:
-        allowed, synonyms = _ENUMERATED[keyword]
-        upper = fixed.upper()
-        if fixed and fixed not in allowed:
-            if synonyms.get(upper) or upper in allowed:
-                fixed = synonyms.get(upper, upper)
-                reasons.append(f"enumerated values are {'/'.join(sorted(allowed))} (PS3.3)")
-            else:
-                reasons.append(f"not one of the enumerated values {'/'.join(sorted(allowed))} (PS3.3)")
-                fixed = None
-    if fixed is not None:
-        try:
-            validate_value(vr, fixed, config.RAISE)
-        except ValueError as exc:
-            reasons.append(str(exc).split(" Please see")[0])
-            fixed = None
-    # Padding is not content: "CHEST " and "CHEST" are the same value.
-    unpadded = text.strip(" \x00") if vr in _STRIPPED_VRS else text if vr == "PN" else text.rstrip(" ")
-    if fixed == unpadded and not reasons:
-        return fixed, None
-    return fixed, "; ".join(reasons) or "normalised"
-
-
-def _keep(value: str, keyword: str) -> tuple[str | None, str | None]:
-    return value, None
-
-
-def _fix_age(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value:
-        return value, None
-    if re.fullmatch(r"\d{3}[DWMY]", value):
-        return value, None
-    match = _AGE.fullmatch(value)
-    if match is None:
-        return None, "not an Age String nnnD/W/M/Y (PS3.5 6.2)"
-    number, unit = match.groups()
-    # A bare number is an age in years: that is how every modality and RIS
-    # that writes one means it (e.g. the RSNA/SIIM chest radiographs).
-    return f"{int(number):03d}{(unit or 'Y').upper()}", "Age String is nnnD/W/M/Y (PS3.5 6.2); a bare number is years"
-
-
-def _fix_cs(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if re.fullmatch(r"[A-Z0-9 _]*", value):
-        return (value, None) if len(value) <= 16 else (None, "longer than 16 characters (CS, PS3.5 6.2)")
-    upper = value.upper()
-    if re.fullmatch(r"[A-Z0-9 _]*", upper) and len(upper) <= 16:
-        return upper, "CS allows upper-case letters only (PS3.5 6.2)"
-    return None, "characters outside A-Z 0-9 space _ (CS, PS3.5 6.2)"
-
-
-def _valid_date(year: int, month: int, day: int) -> bool:
-    try:
-        datetime.date(year, month, day)
-    except ValueError:
-        return False
-    return True
-
-
-def _fix_da(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value:
-        return value, None
-    if _DATE.fullmatch(value):
-        if _valid_date(int(value[:4]), int(value[4:6]), int(value[6:])):
-            return value, None
-        return None, "not a calendar date (DA, PS3.5 6.2)"
-    match = _DATE_SEPARATED.fullmatch(value)
-    if match and _valid_date(*(int(g) for g in match.groups())):
-        return "".join(match.groups()), "DA is YYYYMMDD; the separated form is ACR-NEMA (PS3.5 6.2)"
-    return None, "not a date YYYYMMDD (DA, PS3.5 6.2)"
-
-
-def _fix_tm(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value or _TIME.fullmatch(value):
-        return value, None
-    match = _TIME_COLONS.fullmatch(value)
-    if match:
-        hh, mm, ss, frac = match.groups()
-        return f"{hh}{mm}{ss or ''}{frac or ''}", "TM is HHMMSS.FFFFFF; the colon form is ACR-NEMA (PS3.5 6.2)"
-    return None, "not a time HHMMSS.FFFFFF (TM, PS3.5 6.2)"
-
-
-def _fix_dt(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value:
-        return value, None
-    match = _DATETIME.fullmatch(value)
-    if match is None:
-        return None, "not a date-time YYYYMMDDHHMMSS.FFFFFF&ZZXX (DT, PS3.5 6.2)"
-    year, month, day = match.group(1), match.group(2), match.group(3)
-    if month and not _valid_date(int(year), int(month), int(day or 1)):
-        return None, "not a calendar date (DT, PS3.5 6.2)"
-    return value, None
-
-
-def _fix_ds(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value:
-        return value, None
-    try:
-        number = float(value)
-    except ValueError:
-        return None, "not a decimal number (DS, PS3.5 6.2)"
-    if not math.isfinite(number):
-        return None, "not a finite number (DS, PS3.5 6.2)"
-    try:
-        validate_value("DS", value, config.RAISE)
-    except ValueError:
-        return format_number_as_ds(number), "DS is at most 16 characters of [0-9+-Ee.] (PS3.5 6.2)"
-    return value, None
-
-
-def _fix_is(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if not value:
-        return value, None
-    if re.fullmatch(r"[+\-]?\d{1,11}", value) and _INT32[0] <= int(value) <= _INT32[1]:
-        return value, None
-    try:
-        number = float(value)
-    except ValueError:
-        return None, "not an integer (IS, PS3.5 6.2)"
-    if math.isfinite(number) and number.is_integer() and _INT32[0] <= number <= _INT32[1]:
-        return str(int(number)), "IS is a signed 32-bit integer without fraction (PS3.5 6.2)"
-    return None, "not a 32-bit integer (IS, PS3.5 6.2)"
-
-
-def _fix_pn(value: str, keyword: str) -> tuple[str | None, str | None]:
-    groups = value.split("=")
-    if len(groups) > 3 or any(group.count("^") > 4 for group in groups):
-        return None, "more than 3 component groups or 5 components (PN, PS3.5 6.2.1)"
-    if any(len(group) > 64 for group in groups):
-        return None, "a component group is longer than 64 characters (PN, PS3.5 6.2)"
-    return value, None
-
-
-def _fix_text(limit: int, vr: str):
-    def fix(value: str, keyword: str) -> tuple[str | None, str | None]:
-        if len(value) <= limit:
-            return value, None
-        if keyword.endswith(("ID", "UID", "Number")):
-            # A shortened identifier would name another patient or study.
-            return None, f"identifier longer than {limit} characters ({vr}, PS3.5 6.2)"
-        return value[:limit].rstrip(" "), f"cut to {limit} characters ({vr}, PS3.5 6.2)"
-
-    return fix
-
-
-def _fix_ae(value: str, keyword: str) -> tuple[str | None, str | None]:
-    if len(value) <= 16 and re.fullmatch(r"[\x20-\x5b\x5d-\x7e]*", value):
-        return value, None
-    return None, "not an AE title (PS3.5 6.2)"
-
-
-def _fix_ui(value: str, keyword: str) -> tuple[str | None, str | None]:
-    try:
-        validate_value("UI", value, config.RAISE)
-    except ValueError:
-        return None, "not a UID (UI, PS3.5 6.2; PS3.5 9.1)"
-    return value, None
-
-
-_REPAIRS = {
-    "AS": _fix_age,
-    "CS": _fix_cs,
-    "DA": _fix_da,
-    "TM": _fix_tm,
-    "DT": _fix_dt,
-    "DS": _fix_ds,
-    "IS": _fix_is,
-    "PN": _fix_pn,
-    "AE": _fix_ae,
-    "UI": _fix_ui,
-    "LO": _fix_text(MAX_VALUE_LEN["LO"], "LO"),
-    "SH": _fix_text(MAX_VALUE_LEN["SH"], "SH"),
-    "ST": _fix_text(MAX_VALUE_LEN["ST"], "ST"),
-    "LT": _fix_text(MAX_VALUE_LEN["LT"], "LT"),
-}
-
-
 # -- dataset-level checks -------------------------------------------------------
 
 
 def _sanitize_charset(proxy: Dataset, repairs: list[Repair]) -> None:
     if "SpecificCharacterSet" not in proxy:
         return
-    terms = _as_strings(proxy["SpecificCharacterSet"])
+    terms = as_strings(proxy["SpecificCharacterSet"])
     unknown = [term for term in terms if term not in python_encoding]
     if unknown:
         # pydicom already decoded the source (falling back to its default for
@@ -859,7 +449,7 @@ def _sanitize_charset(proxy: Dataset, repairs: list[Repair]) -> None:
 
 def _float_values(element: DataElement) -> list[float] | None:
     try:
-        values = [float(v) for v in _as_strings(element)]
+        values = [float(v) for v in as_strings(element)]
     except ValueError:
         return None
     return values
@@ -875,7 +465,7 @@ def _sanitize_geometry(proxy: Dataset, repairs: list[Repair]) -> None:
                 repairs.append(
                     Repair(
                         keyword,
-                        "\\".join(_as_strings(proxy[keyword])),
+                        "\\".join(as_strings(proxy[keyword])),
                         None,
                         "spacing must be two values > 0 mm (PS3.3 10.7.1.3); left out, so no pixel size is claimed",
                     )
@@ -886,13 +476,13 @@ def _sanitize_geometry(proxy: Dataset, repairs: list[Repair]) -> None:
             values = _float_values(proxy[keyword])
             if values is None or len(values) != 1 or not (math.isfinite(values[0]) and values[0] > 0):
                 repairs.append(
-                    Repair(keyword, "\\".join(_as_strings(proxy[keyword])), None, "must be a length > 0 mm")
+                    Repair(keyword, "\\".join(as_strings(proxy[keyword])), None, "must be a length > 0 mm")
                 )
                 del proxy[keyword]
 
     if "PatientOrientation" in proxy:
-        directions = _as_strings(proxy["PatientOrientation"])
-        if directions and (len(directions) != 2 or not all(_PATIENT_ORIENTATION.fullmatch(v) for v in directions)):
+        directions = as_strings(proxy["PatientOrientation"])
+        if directions and (len(directions) != 2 or not all(PATIENT_ORIENTATION.fullmatch(v) for v in directions)):
             repairs.append(
                 Repair(
                     "PatientOrientation",
@@ -910,7 +500,7 @@ def _sanitize_geometry(proxy: Dataset, repairs: list[Repair]) -> None:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
             if keyword in proxy:
                 repairs.append(
-                    Repair(keyword, "\\".join(_as_strings(proxy[keyword])), None, f"{problem}; no Frame of Reference")
+                    Repair(keyword, "\\".join(as_strings(proxy[keyword])), None, f"{problem}; no Frame of Reference")
                 )
                 del proxy[keyword]
 
@@ -942,12 +532,12 @@ def _collect_invalid(dataset: Dataset, prefix: str, problems: list[str]) -> None
             for index, item in enumerate(element.value or []):
                 _collect_invalid(item, f"{path}[{index}].", problems)
             continue
-        if element.VR not in _TEXT_VRS or element.VR in ("UT", "UR", "UC"):
+        if element.VR not in TEXT_VRS or element.VR in ("UT", "UR", "UC"):
             continue
-        texts = _as_strings(element)
+        texts = as_strings(element)
         for text in texts:
-            fixed, reason = _sanitize_text(element.VR, element.keyword or "", text)
+            fixed, reason = sanitize_text(element.VR, element.keyword or "", text)
             if reason is not None:
                 problems.append(f"{path}: {text!r} ({reason})")
-        if texts and not _vm_allows(element.tag, len(texts)):
+        if texts and not vm_allows(element.tag, len(texts)):
             problems.append(f"{path}: {len(texts)} values, PS3.6 requires {dictionary_VM(element.tag)}")

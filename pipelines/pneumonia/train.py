@@ -33,18 +33,15 @@ starter set of github.com/jrzech/reproduce-chexnet (BSD-3-Clause), 256x256 PNG.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import train_test_split
 
 from models.card import (
     Architecture,
@@ -73,26 +70,18 @@ from pipelines.common.training import (
     write_card,
 )
 from pipelines.pneumonia.preprocess import CxrPreprocessor, png_to_image
+from pipelines.pneumonia.train_data import NIH_FINDINGS, read_labels, split_by_patient
+from pipelines.pneumonia.train_metrics import (
+    auroc,
+    bootstrap_ci,
+    mean_auroc,
+    sensitivity,
+    specificity,
+    youden_threshold,
+)
 
 log = logging.getLogger(__name__)
 
-#: The 14 ChestX-ray14 findings (``Finding Labels``); all are torchxrayvision labels.
-NIH_FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
 DATA_SOURCE = (
     "NIH ChestX-ray14 (Wang et al., CVPR 2017; NIH Clinical Center, public), images of the starter set of "
     "github.com/jrzech/reproduce-chexnet (BSD-3-Clause) downscaled to 256x256 8-bit PNG; labels from "
@@ -183,145 +172,6 @@ class TrainConfig:
         check_fields(self, checks)
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class _Records:
-    image_ids: list[str]
-    patient_ids: list[str]
-    labels: np.ndarray  # (N, 18) float32, 0/1
-    label_mask: np.ndarray  # (18,) bool: outputs supervised by NIH labels
-
-
-def read_labels(data_dir: Path, limit: int | None = None) -> _Records:
-    """Read ``labels.csv`` (NIH ``Image Index``, ``Finding Labels``, ``Patient ID``).
-
-    Returns image ids, patient ids, and a ``(N, 18)`` float32 target matrix in
-    torchxrayvision's output order (:data:`models.densenet.XRV_LABELS`), with
-    the mask of the 14 outputs that NIH labels supervise.
-
-    Raises
-    ------
-    FileNotFoundError
-        ``labels.csv`` or an image is missing.
-    ValueError
-        An unknown finding label.
-    """
-    rows = list(csv.DictReader((Path(data_dir) / "labels.csv").open(newline="", encoding="utf-8")))
-    rows.sort(key=lambda r: r["Image Index"])
-    if limit is not None:
-        pos = [r for r in rows if "Pneumonia" in r["Finding Labels"].split("|")]
-        neg = [r for r in rows if "Pneumonia" not in r["Finding Labels"].split("|")]
-        n_pos = min(len(pos), max(4, limit // 3))
-        rows = pos[:n_pos] + neg[: limit - n_pos]
-    labels = np.zeros((len(rows), len(XRV_LABELS)), np.float32)
-    for i, r in enumerate(rows):
-        for finding in r["Finding Labels"].split("|"):
-            if finding == "No Finding":
-                continue
-            if finding not in NIH_FINDINGS:
-                raise ValueError(f"labels.csv: unknown finding {finding!r} for {r['Image Index']}")
-            labels[i, XRV_LABELS.index(finding)] = 1.0
-        if not (Path(data_dir) / "images" / r["Image Index"]).is_file():
-            raise FileNotFoundError(Path(data_dir) / "images" / r["Image Index"])
-    mask = np.array([lab in NIH_FINDINGS for lab in XRV_LABELS])
-    return _Records([r["Image Index"] for r in rows], [r["Patient ID"] for r in rows], labels, mask)
-
-
-def split_by_patient(
-    patient_ids: Sequence[str], positive: Sequence[bool] | np.ndarray, test_fraction: float, val_fraction: float,
-    seed: int,
-) -> dict[str, list[str]]:
-    """Split patients into ``train``/``val``/``test``, stratified on whether a
-    patient has any positive image (scikit-learn ``train_test_split``).
-
-    Returns split name -> sorted patient ids; every patient is in exactly one.
-    """
-    patients = sorted(set(patient_ids))
-    pos = {p: False for p in patients}
-    for p, y in zip(patient_ids, positive, strict=True):
-        pos[p] = pos[p] or bool(y)
-    strat = [pos[p] for p in patients]
-    rest, test = train_test_split(patients, test_size=test_fraction, stratify=strat, random_state=seed)
-    strat_rest = [pos[p] for p in rest]
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), stratify=strat_rest, random_state=seed + 1
-    )
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (scikit-learn). Raises ValueError when ``y``
-    has a single class."""
-    y = np.asarray(y)
-    if y.min() == y.max():
-        raise ValueError(f"AUROC undefined: all {len(y)} labels are {y.flat[0]}")
-    return float(roc_auc_score(y, score))
-
-
-def bootstrap_ci(
-    metric: Callable[[np.ndarray, np.ndarray], float],
-    y: np.ndarray,
-    score: np.ndarray,
-    groups: Sequence[str],
-    n_resamples: int,
-    seed: int,
-) -> tuple[float, float, int]:
-    """95 % percentile bootstrap interval of ``metric(y, score)``, resampling
-    groups (patients) with replacement and keeping all their images.
-
-    Resamples where the metric is undefined (one class only) are skipped.
-
-    Returns
-    -------
-    ``(low, high, n_valid_resamples)``.
-    """
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
-        try:
-            values.append(metric(y[idx], score[idx]))
-        except ValueError:
-            continue
-    if not values:
-        raise ValueError("bootstrap: the metric was undefined in every resample")
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high), len(values)
-
-
-def youden_threshold(y: np.ndarray, score: np.ndarray) -> tuple[float, float, float]:
-    """Threshold maximising sensitivity + specificity - 1 (Youden 1950).
-
-    Returns ``(threshold, sensitivity, specificity)``; a score at or above the
-    threshold is called positive.
-    """
-    fpr, tpr, thr = roc_curve(y, score)
-    finite = np.isfinite(thr)
-    j = np.where(finite, tpr - fpr, -np.inf)
-    k = int(np.argmax(j))
-    return float(min(thr[k], 1.0)), float(tpr[k]), float(1 - fpr[k])
-
-
-def _sens(y: np.ndarray, s: np.ndarray, t: float) -> float:
-    if y.sum() == 0:
-        raise ValueError("no positives")
-    return float((s[y == 1] >= t).mean())
-
-
-def _spec(y: np.ndarray, s: np.ndarray, t: float) -> float:
-    if (y == 0).sum() == 0:
-        raise ValueError("no negatives")
-    return float((s[y == 0] < t).mean())
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -368,11 +218,6 @@ def _predict(model: torch.nn.Module, x: np.ndarray, pre: CxrPreprocessor, batch:
     return np.concatenate(out)
 
 
-def _mean_auroc(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> float:
-    vals = [auroc(y[:, j], p[:, j]) for j in np.flatnonzero(mask) if 0 < y[:, j].sum() < len(y)]
-    if not vals:
-        raise ValueError("mean AUROC undefined: no finding has both classes")
-    return float(np.mean(vals))
 
 
 def train_pneumonia(config: TrainConfig) -> TrainResult:
@@ -471,7 +316,7 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
         yv = y_all[idx["val"]]
         return {
             "val_auroc_pneumonia": auroc(yv[:, PNEUMONIA_INDEX], p[:, PNEUMONIA_INDEX]),
-            "val_mean_auroc": _mean_auroc(yv, p, rec.label_mask),
+            "val_mean_auroc": mean_auroc(yv, p, rec.label_mask),
         }
 
     history: list[dict] = []
@@ -551,11 +396,11 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
         metric("AUROC Pneumonia", auroc, y_test, p_test, g_test, test_split),
         metric("AUROC Pneumonia", auroc, y_val, p_val, g_val,
                "validation split (used for early stopping and checkpoint selection: optimistic)"),
-        metric("Sensitivity Pneumonia at operating point", lambda y, s: _sens(y, s, thr), y_test, p_test, g_test,
+        metric("Sensitivity Pneumonia at operating point", lambda y, s: sensitivity(y, s, thr), y_test, p_test, g_test,
                test_split),
-        metric("Specificity Pneumonia at operating point", lambda y, s: _spec(y, s, thr), y_test, p_test, g_test,
+        metric("Specificity Pneumonia at operating point", lambda y, s: specificity(y, s, thr), y_test, p_test, g_test,
                test_split),
-        metric("Mean AUROC over NIH findings", lambda y, s: _mean_auroc(y, s, rec.label_mask),
+        metric("Mean AUROC over NIH findings", lambda y, s: mean_auroc(y, s, rec.label_mask),
                y_all[idx["test"]], p_test_all, g_test, test_split + "; findings with positives in the split",
                positives=False),
     ]
