@@ -14,6 +14,7 @@ import sys
 
 import typer
 
+from node.cli.audit import audit_trail
 from node.cli.common import _config, parse_peer
 from node.cli.deliveries import deliveries_app
 from node.cli.dicom import echo, send
@@ -21,6 +22,7 @@ from node.cli.jobs import jobs_app
 from node.cli.main import config_app, serve, status
 from node.cli.models import models_app, train_app
 from node.cli.pipelines import orthanc_routing, pipelines_app
+from node.cli.replay import replay
 from node.cli.run import run_offline
 from node.cli.tools import tools_app
 
@@ -37,9 +39,11 @@ app.command()(serve)
 app.command()(echo)
 app.command()(send)
 app.command("run")(run_offline)
+app.command()(replay)
 app.command()(status)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(deliveries_app, name="deliveries")
+app.command("audit")(audit_trail)
 
 
 def main() -> None:  # pragma: no cover

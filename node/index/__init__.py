@@ -55,7 +55,10 @@ from node.index.studies import StudyQueries
 from node.index.views import DeliveryView, InstanceRecord, JobView
 
 
-class Index(ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries, AuditQueries, IndexCore):
+class Index(
+    ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries,
+    AuditQueries, IndexCore,
+):
     """All reads and writes of the node's SQL state, one transaction a call."""
 
 
