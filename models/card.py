@@ -5,6 +5,9 @@ validated by :class:`ModelCard`. It names the architecture the registry builds,
 the weight file (path relative to the card, with its SHA-256), the input spec
 the preprocessing follows, the output labels, the operating point, the licence
 and intended use, the training data and the metrics measured on held-out data.
+``intended_use_rules`` (:class:`IntendedUseRule`) state the intended use as
+rules over the input's DICOM attributes, in the routing rule language; the
+node checks them before a job runs (:mod:`node.guard`).
 
 Classification cards (radiographs) describe their input with :class:`InputSpec`
 and their outputs with :class:`OutputSpec`. Segmentation cards (multi-sequence
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.intended_use import IntendedUseRule
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -375,6 +380,10 @@ class TrainingData(_Strict):
     licence: str | None = None
     n_images: int | None = Field(None, ge=0)
     split: DataSplit | None = None
+    # Identifiers of every training / validation member (Patient ID, image
+    # file stem, case id): `ainode validate` excludes cases that match one.
+    training_members: list[str] = Field(default_factory=list)
+    validation_members: list[str] = Field(default_factory=list)
 
 
 class TrainingRun(_Strict):
@@ -458,6 +467,9 @@ class ModelCard(_Strict):
     weights: Weights
     licence: Licence
     intended_use: str = Field(min_length=1)
+    intended_use_rules: list[IntendedUseRule] = Field(
+        default_factory=list, description="The intended use as rules over the input (node.guard checks them)."
+    )
     demonstration_only: bool
     training_data: TrainingData
     training: TrainingRun | None = None
@@ -498,6 +510,14 @@ class ModelCard(_Strict):
                     f"volume_input.channels: {len(self.volume_input.channels)} roles, but architecture.params."
                     f"in_channels is {self.architecture.params['in_channels']}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _rule_names(self) -> ModelCard:
+        names = [r.name for r in self.intended_use_rules]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"intended_use_rules: rule names must be unique, {', '.join(doubled)} repeated")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,11 @@ job's input (its series, or for a study-level job its study) was received
   observations; a result re-sent by ``ainode deliveries resend`` is
   observed again when delivered again).
 
+``ainode_intended_use_decisions_total{pipeline,rule,action}``: one per
+intended-use rule an input of a job fell outside (:mod:`node.guard`), with
+the configured action, ``warn`` or ``refuse``; rule names come from the
+model cards.
+
 Scrape-time values (:meth:`Metrics.watch`): pending deliveries per
 destination (``ainode_outbox_pending``) and free bytes in the spool's file
 system (``ainode_spool_free_bytes``), read when Prometheus scrapes, so they
@@ -43,7 +48,7 @@ from prometheus_client.registry import Collector
 
 #: The states a job ends in (``ainode_jobs_total{state}``): a finished job is
 #: never ``queued`` nor ``running``.
-JOB_OUTCOMES = ("done", "failed", "not_applicable")
+JOB_OUTCOMES = ("done", "failed", "not_applicable", "out_of_scope")
 #: ``ainode_delivery_attempts_total{outcome}``: the DeliveryState after the
 #: attempt (``pending`` = failed, retried later).
 DELIVERY_OUTCOMES = ("delivered", "pending", "failed")
@@ -87,12 +92,17 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         self.jobs = Counter(
-            "ainode_jobs", "Jobs finished, by pipeline and state (done, failed, not_applicable)", ["pipeline", "state"],
+            "ainode_jobs", "Jobs finished, by pipeline and state (done, failed, not_applicable, out_of_scope)", ["pipeline", "state"],
             registry=r,
         )
         self.job_seconds = Histogram(
             "ainode_job_seconds", "Job wall time", ["pipeline"], registry=r,
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.intended_use = Counter(
+            "ainode_intended_use_decisions",
+            "Inputs outside a model card's intended-use rule, by pipeline, rule and action (warn, refuse)",
+            ["pipeline", "rule", "action"], registry=r,
         )
         self.deliveries = Counter(
             "ainode_delivery_attempts", "Delivery attempts, by destination and outcome", ["destination", "outcome"], registry=r

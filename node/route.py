@@ -36,27 +36,30 @@ def _text(ds: Dataset, keyword: str) -> list[str]:
     return [str(v).strip() for v in value] or [""]
 
 
-def _numbers(ds: Dataset, keyword: str) -> list[float]:
-    out = []
-    for v in _text(ds, keyword):
-        try:
-            out.append(float(v))
-        except ValueError:
-            continue
-    return out
-
-
 def attribute_matches(ds: Dataset, keyword: str, accepted: MatchValue) -> bool:
     """Whether ``ds.<keyword>`` satisfies ``accepted`` (see the module docstring).
     For multi-valued attributes, any value may match."""
+    return values_match(_text(ds, keyword), accepted)
+
+
+def values_match(values: Sequence[str], accepted: MatchValue) -> bool:
+    """Whether the values of an attribute (as text, ``[""]`` when absent)
+    satisfy ``accepted``; any value may match. :func:`attribute_matches`
+    reads them from a dataset; :mod:`node.guard` also from derived values."""
+    values = list(values) or [""]
     if isinstance(accepted, Presence):
-        return any(_text(ds, keyword)) == accepted.present
+        return any(values) == accepted.present
     if isinstance(accepted, NumericRange):
+        numbers = []
+        for v in values:
+            try:
+                numbers.append(float(v))
+            except ValueError:
+                continue
         return any(
             (accepted.min is None or x >= accepted.min) and (accepted.max is None or x <= accepted.max)
-            for x in _numbers(ds, keyword)
+            for x in numbers
         )
-    values = _text(ds, keyword)
     if isinstance(accepted, str):
         pattern = re.compile(accepted, re.IGNORECASE)
         return any(pattern.search(v) for v in values)

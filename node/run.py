@@ -14,7 +14,10 @@ overwrites rather than duplicates. A pipeline exception marks the job
 ``failed`` with its traceback, and the node keeps serving; an input fault
 (:class:`~pipelines.base.PipelineInputError`) marks it ``failed`` with its
 reason only; valid input the pipeline does not process
-(:class:`~pipelines.base.PipelineNotApplicable`) ends ``not_applicable``.
+(:class:`~pipelines.base.PipelineNotApplicable`) ends ``not_applicable``;
+input outside the model card's intended use (:mod:`node.guard`, before the
+pipeline runs) ends ``out_of_scope`` where configured ``refuse``, else runs
+with the warnings in its context and its ``done`` reason.
 An operator queues failed jobs again with ``ainode jobs retry``; the workers
 poll for queued jobs at least once a second, so a running node picks them up.
 """
@@ -31,6 +34,8 @@ import pydicom
 import structlog
 
 from node.config import NodeConfig
+from node.config.guard import GuardAction, GuardSettings
+from node.guard import Decision, OutOfScope, describe, evaluate, pipeline_card
 from node.index import Index, JobState, JobView, utcnow
 from node.metrics import Metrics, since
 from node.notify import Notifier
@@ -187,9 +192,10 @@ class Runner:
             self.run_job(job)
 
     def run_job(self, job: JobView) -> JobState:
-        """Run one claimed job to ``done``, ``failed`` or ``not_applicable``
+        """Run one claimed job to ``done``, ``failed``, ``not_applicable``
         (:class:`pipelines.base.PipelineNotApplicable`: no result, no
-        traceback, counted apart from failures); returns the state."""
+        traceback, counted apart from failures) or ``out_of_scope``
+        (refused by the intended-use guard); returns the state."""
         log = self.log.bind(job_id=job.id, pipeline=job.pipeline, study_uid=job.study_uid, series_uid=job.series_uid)
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -202,18 +208,28 @@ class Runner:
             t = time.perf_counter()
             study = load_study(self.index, job)
             timings["read_spool"] = time.perf_counter() - t
+            warnings = self.check_intended_use(job, pipeline, study, log)
             context = PipelineContext(
                 uid_prefix=self.config.node.uid_prefix,
                 device=resolve_device(self.config.worker.device),
                 log=log,
                 timings=timings,
+                intended_use_warnings=tuple(str(d) for d in warnings),
             )
             results = pipeline.run(study, context)
             t = time.perf_counter()
             stored = self.store_results(results, job.destinations)
             timings["write_outbox"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - started
-            self.index.finish_job(job.id, stored, json.dumps(timings))
+            note = describe(warnings, GuardAction.WARN) if warnings else None
+            self.index.finish_job(job.id, stored, json.dumps(timings), note=note)
+        except OutOfScope as exc:
+            timings["total"] = time.perf_counter() - started
+            log.warning("job_out_of_scope", reason=str(exc), timings=timings)
+            self.index.fail_job(job.id, str(exc), None, json.dumps(timings), state=JobState.OUT_OF_SCOPE)
+            self._count(job, JobState.OUT_OF_SCOPE, timings)
+            self.notifier.job(job, JobState.OUT_OF_SCOPE, str(exc))
+            return JobState.OUT_OF_SCOPE
         except PipelineNotApplicable as exc:
             timings["total"] = time.perf_counter() - started
             log.info("job_not_applicable", reason=str(exc), timings=timings)
@@ -247,6 +263,30 @@ class Runner:
             self.on_results()
         self.notifier.job(job, JobState.DONE, results=len(stored))
         return JobState.DONE
+
+    def check_intended_use(self, job: JobView, pipeline: Pipeline, study: Study, log) -> list[Decision]:
+        """Judge ``study`` against the pipeline's model card (:mod:`node.guard`),
+        count and log each decision, and return the warnings.
+
+        Raises
+        ------
+        OutOfScope
+            A rule configured ``refuse`` failed: the job ends ``out_of_scope``.
+        ValueError
+            ``intended_use.rules`` names a rule the card lacks (the job fails).
+        """
+        card = pipeline_card(pipeline)
+        if card is None:
+            return []
+        settings = getattr(getattr(self.config.pipelines, job.pipeline, None), "intended_use", None) or GuardSettings()
+        decisions = evaluate(card, study, settings)
+        for d in decisions:
+            self.metrics.intended_use.labels(pipeline=job.pipeline, rule=d.rule, action=str(d.action)).inc()
+            log.info("intended_use_decision", rule=d.rule, action=str(d.action), values=dict(d.values),
+                     decided_series_uid=d.series_uid)
+        if any(d.action == GuardAction.REFUSE for d in decisions):
+            raise OutOfScope(describe(decisions, GuardAction.REFUSE))
+        return decisions
 
     def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
         """Write results to the outbox and say where each goes: a SEG goes in

@@ -112,6 +112,11 @@ class PipelineContext:
         Written to Manufacturer (0008,0070) of derived objects.
     timings:
         Filled by the pipeline: stage name -> wall time in seconds.
+    intended_use_warnings:
+        The model card's intended-use rules the input is outside of and that
+        the node is configured to process with a warning (:mod:`node.guard`),
+        one sentence each; the writers put them in the SR and mark the SEG's
+        Series Description "OUT OF INTENDED USE". Empty: within it.
     """
 
     uid_prefix: str | None = None
@@ -119,6 +124,7 @@ class PipelineContext:
     log: Any = field(default_factory=lambda: structlog.get_logger("pipelines"))
     manufacturer: str = "dicom-ai-node"
     timings: dict[str, float] = field(default_factory=dict)
+    intended_use_warnings: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -3,6 +3,7 @@ and :func:`load_config`."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node.config.api import ApiSection
+from node.config.audit import AuditSection
 from node.config.base import ConfigError, _Section
 from node.config.node import NodeSection
 from node.config.pipelines import ModelsSection, PipelinesSection, WorkerSection
@@ -60,6 +62,7 @@ class NodeConfig(BaseSettings):
     pipelines: PipelinesSection = Field(default_factory=PipelinesSection)
     api: ApiSection = Field(default_factory=ApiSection)
     log: LogSection = Field(default_factory=LogSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -67,6 +70,7 @@ class NodeConfig(BaseSettings):
         return (env_settings, init_settings)
 
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    _source_file: tuple[str, str] | None = PrivateAttr(None)  # set by load_config
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:
@@ -107,6 +111,11 @@ class NodeConfig(BaseSettings):
         prints them and ``ainode serve`` logs them."""
         return list(self._warnings)
 
+    @property
+    def source_file(self) -> tuple[str, str] | None:
+        """(path, SHA-256 hex of its bytes) of the TOML file :func:`load_config` read, or None."""
+        return self._source_file
+
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
@@ -139,13 +148,17 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> NodeConfig:
         path = Path(path)
         source = str(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = tomllib.loads(raw.decode("utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"configuration file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     data.update(overrides)
     try:
-        return NodeConfig(**data)
+        config = NodeConfig(**data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source + " (and AINODE_* environment)")) from None
+    if path is not None:  # the audit trail's config_loaded names it (node.audit)
+        config._source_file = (str(path.resolve()), hashlib.sha256(raw).hexdigest())
+    return config

@@ -1,5 +1,6 @@
 """``[worker]``, ``[models]`` and ``[pipelines]`` (one table per registered
-pipeline, built from :mod:`pipelines.registry`)."""
+pipeline, built from :mod:`pipelines.registry`; each also takes
+``intended_use``, :mod:`node.config.guard`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from node.config.base import _Section
+from node.config.guard import GuardSettings
 from pipelines.registry import Registry
 from pipelines.registry import registry as pipeline_registry
 
@@ -38,6 +40,19 @@ class ModelsSection(_Section):
     card_dirs: list[Path] = Field(default_factory=list)
 
 
+def _with_guard(settings: type[BaseModel]) -> type[BaseModel]:
+    """``settings`` with an ``intended_use`` field (:class:`GuardSettings`),
+    unless it has one: a subclass, so the pipeline still gets its own type."""
+    if "intended_use" in settings.model_fields:
+        return settings
+    return create_model(
+        settings.__name__,
+        __base__=settings,
+        __module__=settings.__module__,
+        intended_use=(GuardSettings, Field(default_factory=GuardSettings, description="Intended-use guard (node.guard).")),
+    )
+
+
 def pipelines_section(registry: Registry) -> type[_Section]:
     """The ``[pipelines]`` model: one ``[pipelines.<name>]`` table per
     registered pipeline, of its spec's settings model (all defaults when
@@ -53,10 +68,10 @@ def pipelines_section(registry: Registry) -> type[_Section]:
                     raise ValueError(f"[pipelines.{name}]: {registry.unknown(name)}")
             return data
 
-    fields: dict[str, Any] = {
-        name: (r.spec.settings, Field(default_factory=r.spec.settings, description=r.spec.description or None))
-        for name, r in registry.pipelines.items()
-    }
+    fields: dict[str, Any] = {}
+    for name, r in registry.pipelines.items():
+        settings = _with_guard(r.spec.settings)
+        fields[name] = (settings, Field(default_factory=settings, description=r.spec.description or None))
     return create_model("PipelinesSection", __base__=_Pipelines, __doc__="``[pipelines]``: settings per pipeline.", **fields)
 
 

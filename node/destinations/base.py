@@ -135,6 +135,8 @@ class NotificationEvent(enum.StrEnum):
     JOB_FAILED = "job.failed"
     #: Valid input the pipeline does not process: not a failure (off by default).
     JOB_NOT_APPLICABLE = "job.not_applicable"
+    #: Outside the model card's intended use and refused by configuration (node.guard).
+    JOB_OUT_OF_SCOPE = "job.out_of_scope"
     #: A delivery reached state ``failed``: its attempts are used up, or it failed permanently.
     DELIVERY_FAILED = "delivery.failed"
     #: The free-disk guard tripped: the node answers C-STORE 0xA700 until space returns.

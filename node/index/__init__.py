@@ -53,11 +53,12 @@ from node.index.schema import (
 )
 from node.index.studies import StudyQueries
 from node.index.views import DeliveryView, InstanceRecord, JobView
+from node.index.wado import StoredInstance, WadoQueries
 
 
 class Index(
     ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries,
-    AuditQueries, IndexCore,
+    AuditQueries, WadoQueries, IndexCore,
 ):
     """All reads and writes of the node's SQL state, one transaction a call."""
 

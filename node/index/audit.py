@@ -142,7 +142,7 @@ def ensure_append_only(engine: Engine) -> None:
 #: Receives each event as :meth:`AuditRecord.as_dict` gives it (no ``id``); must not block.
 AuditSink = Callable[[dict[str, Any]], None]
 _DETAIL_TEXT = 500  # characters of an error or reason kept in ``details``
-_INSERT = insert(AuditRecord.__table__)
+_INSERT = insert(AuditRecord)  # with parameters at execute: compiled once
 
 
 def instance_audit(rec: InstanceRecord) -> dict[str, Any]:
@@ -153,6 +153,15 @@ def instance_audit(rec: InstanceRecord) -> dict[str, Any]:
         "source": rec.source, "association_id": rec.association_id,
     }
     return {"actor": rec.calling_ae, "client": rec.peer_address, "study_uid": rec.study_uid, "details": details}
+
+
+def audit_quietly(index: Any, event: AuditEvent, **fields: Any) -> None:
+    """``index.audit(event, **fields)``, a failure logged (``audit_failed``)
+    rather than raised: for paths that must answer anyway (a refusal)."""
+    try:
+        index.audit(event, **fields)
+    except Exception as exc:  # the index is down: the log line of the caller stands
+        structlog.get_logger("node.audit").error("audit_failed", audit_event=str(event), error=repr(exc))
 
 
 class AuditQueries(IndexCore):
@@ -209,10 +218,11 @@ class AuditQueries(IndexCore):
         # cache-key) a new statement each call, 8x slower on the ingest path.
         if session is not None:
             session.execute(_INSERT, values)
-        else:
-            with self._write_lock, self._session.begin() as s:
-                s.execute(_INSERT, values)
-        self._emit(values, details or {})
+            self._emit(values, details or {})
+            return
+        with self._write_lock, self._session.begin() as s:
+            s.execute(_INSERT, values)
+            self._emit(values, details or {})  # under the lock: sinks see SQLite's row order
 
     def _emit(self, values: dict[str, Any], details: dict) -> None:
         record = {**values, "at": values["at"].isoformat(timespec="microseconds") + "Z", "details": details}
@@ -303,4 +313,4 @@ class AuditQueries(IndexCore):
         return delivery_kind, None if job is None else job.study_uid, details
 
 
-__all__ = ["AuditEvent", "AuditQueries", "AuditRecord", "AuditSink", "ensure_append_only", "instance_audit"]
+__all__ = ["AuditEvent", "AuditQueries", "AuditRecord", "AuditSink", "audit_quietly", "ensure_append_only", "instance_audit"]

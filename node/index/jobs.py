@@ -105,13 +105,18 @@ class JobQueries(IndexCore):
                 self._set_state(s, assembly, AssemblyState(state), f"job {job.id}")
 
     def finish_job(
-        self, job_id: int, results: Sequence[tuple[Any, Path, Sequence[str]]], timings: str | None = None
+        self,
+        job_id: int,
+        results: Sequence[tuple[Any, Path, Sequence[str]]],
+        timings: str | None = None,
+        note: str | None = None,
     ) -> None:
         """Mark a job done and queue each result for its destinations, in one
         transaction. ``results`` holds (dataset, outbox path, destination
         names); a second item with the same SOP Instance UID is another
         encoding of the same object (a compact SEG) and only adds deliveries.
-        Raises LookupError for an unknown job."""
+        ``note`` is added to the reason of the ``done`` transition (e.g. the
+        intended-use warnings). Raises LookupError for an unknown job."""
         with self._write_lock, self._session.begin() as s:
             job = self._row(s, Job, job_id)
             seen: set[str] = set()
@@ -137,7 +142,7 @@ class JobQueries(IndexCore):
                 seen.add(ds.SOPInstanceUID)
                 for dest in destinations:
                     self._queue_delivery(s, job_id, ds.SOPInstanceUID, dest, path)
-            self._set_state(s, job, JobState.DONE, f"{len(results)} results")
+            self._set_state(s, job, JobState.DONE, f"{len(results)} results" + (f"; {note}" if note else ""))
             job.finished_at = utcnow()
             job.timings = timings
             self._sync_series_state(s, job, JobState.DONE)
@@ -174,8 +179,8 @@ class JobQueries(IndexCore):
         ``state=JobState.NOT_APPLICABLE`` valid input its pipeline does not
         process. ``error`` is the reason either way. Raises ValueError for
         another state, LookupError for an unknown job."""
-        if state not in (JobState.FAILED, JobState.NOT_APPLICABLE):
-            raise ValueError(f"state must be failed or not_applicable, got {state!r}")
+        if state not in (JobState.FAILED, JobState.NOT_APPLICABLE, JobState.OUT_OF_SCOPE):
+            raise ValueError(f"state must be failed, not_applicable or out_of_scope, got {state!r}")
         state = JobState(state)
         with self._write_lock, self._session.begin() as s:
             job = self._row(s, Job, job_id)
@@ -206,7 +211,7 @@ class JobQueries(IndexCore):
         return requeued, failed
 
     #: States an operator may queue again (``ainode jobs retry``).
-    RETRYABLE = (JobState.FAILED, JobState.NOT_APPLICABLE, JobState.CANCELLED)
+    RETRYABLE = (JobState.FAILED, JobState.NOT_APPLICABLE, JobState.CANCELLED, JobState.OUT_OF_SCOPE)
 
     def retry_jobs(
         self,

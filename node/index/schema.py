@@ -8,7 +8,7 @@ States (each change is one ``transitions`` row, written by
                                     |-> assigned | unused       (a study-level rule)
                                     \-> unmatched -> purged     (-> purged by retention)
     study:    receiving -> complete -> queued -> running -> done | failed | not_applicable
-    job:      queued -> running -> done | failed | not_applicable
+    job:      queued -> running -> done | failed | not_applicable | out_of_scope
               queued -> cancelled (an operator; node/actions.py)
               (running -> queued on recovery; failed | not_applicable -> queued
               by an operator's ``ainode jobs retry``)
@@ -49,6 +49,9 @@ class JobState(enum.StrEnum):
     #: image, a SEG a broad rule routed): not a failure, no result.
     NOT_APPLICABLE = "not_applicable"
     CANCELLED = "cancelled"  # by an operator while queued (POST /api/jobs/{id}/cancel)
+    #: Outside the model card's intended use, refused by configuration
+    #: (node.guard): no result; the reason names the rules and values.
+    OUT_OF_SCOPE = "out_of_scope"
 
 
 class SeriesState(enum.StrEnum):
@@ -71,6 +74,7 @@ class SeriesState(enum.StrEnum):
     FAILED = "failed"
     NOT_APPLICABLE = "not_applicable"
     CANCELLED = "cancelled"
+    OUT_OF_SCOPE = "out_of_scope"
     #: Its instances were forgotten and their files removed (retention).
     PURGED = "purged"
 
@@ -90,6 +94,7 @@ class AssemblyState(enum.StrEnum):
     FAILED = "failed"
     NOT_APPLICABLE = "not_applicable"
     CANCELLED = "cancelled"
+    OUT_OF_SCOPE = "out_of_scope"
 
 
 class DeliveryState(enum.StrEnum):

@@ -109,7 +109,7 @@ class StudyQueries(IndexCore):
                 s.add(assembly)
                 return self._set_state(s, assembly, AssemblyState.RECEIVING, reason, created=True)
             reopen = (AssemblyState.COMPLETE, AssemblyState.DONE, AssemblyState.FAILED, AssemblyState.NOT_APPLICABLE,
-                      AssemblyState.CANCELLED)
+                      AssemblyState.CANCELLED, AssemblyState.OUT_OF_SCOPE)
             if not self._set_state(s, assembly, AssemblyState.RECEIVING, reason, expect=reopen):
                 return False
             assembly.reason = reason

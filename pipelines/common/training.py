@@ -108,6 +108,21 @@ def config_hyperparameters(config: DataclassInstance, exclude: Iterable[str] = (
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in skip}
 
 
+def intended_use_lines(card: ModelCard) -> list[str]:
+    """The card's intended-use rules as a Markdown list (and a blank line), or nothing."""
+    if not card.intended_use_rules:
+        return []
+    lines = ["Intended-use rules (the node checks them before a job runs; `intended_use` in "
+             "`[pipelines.<name>]` says whether an input outside one is refused or processed with a warning):", ""]
+    for r in card.intended_use_rules:
+        match = ", ".join(f"{k} {v.model_dump(exclude_none=True) if hasattr(v, 'model_dump') else v}"
+                          for k, v in r.match.items())
+        where = "" if r.applies_to == "series" else f" ({r.applies_to} series)"
+        when = "; not held against an input lacking it" if r.absent == "in_scope" else ""
+        lines.append(f"- `{r.name}`{where}: {r.description} [{match}{when}]")
+    return lines + [""]
+
+
 def card_markdown(
     card: ModelCard, *, model: Sequence[str], performance: Sequence[str], split: str | None, run_detail: str = "."
 ) -> str:
@@ -121,7 +136,8 @@ def card_markdown(
     lines = [
         f"# {card.name} {card.version}", "",
         "**Demonstration weights: not for diagnosis.**" if card.demonstration_only else "", "",
-        card.description, "", "## Intended use", "", card.intended_use, "", "## Model", "", *model,
+        card.description, "", "## Intended use", "", card.intended_use, "", *intended_use_lines(card),
+        "## Model", "", *model,
         "", "## Measured performance", "", *performance,
     ]
     lines += ["", "## Training data", "", td.description, ""] + [f"- {s}" for s in td.sources]
