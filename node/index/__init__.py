@@ -86,6 +86,7 @@ __all__ = [
     "Series",
     "SeriesState",
     "StateColumn",
+    "StoredInstance",
     "Study",
     "StudyAssembly",
     "Transition",
