@@ -44,6 +44,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import MAX_VALUE_LEN
 
 from node.index import InstanceRecord
+from node.index.audit import AuditEvent, audit_quietly
 from node.metrics import Metrics
 from node.spool import INDEX_KEYWORDS, FreeSpace, Spool, is_safe_uid, read_header
 
@@ -341,7 +342,11 @@ class Ingest:
             "instance_refused", status=status.code, reason=reason, quarantined=str(kept), source=str(source), **peer
         )
         self.metrics.instances_refused.labels(status=status.code).inc()
-        return Outcome(status, reason, *known_uids(encoded))
+        outcome = Outcome(status, reason, *known_uids(encoded))
+        who = {"actor": peer.get("calling_ae") or peer.get("token_name"), "client": peer.get("peer_address")}
+        details |= {"reason": reason, "sop_instance_uid": outcome.sop_instance_uid, "quarantined": str(kept)}
+        audit_quietly(self.index, AuditEvent.INSTANCE_QUARANTINED, study_uid=outcome.study_uid, details=details, **who)
+        return outcome
 
 
 def file_transfer_syntax(encoded: bytes) -> str:

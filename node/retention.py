@@ -19,6 +19,9 @@ logs what it removed: files and bytes per folder.
 
 Series that no routing rule matched are deleted sooner, by
 ``[completion] unmatched_retention_hours`` (:mod:`node.complete`).
+
+The audit trail (``audit_events``, :mod:`node.index.audit`) is never deleted:
+it is append-only, and how long it is kept is the database administrator's decision.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.api import ApiServer, Metrics, create_app
+from node.audit import audit_config_loaded
 from node.complete import CompletionSweep
 from node.config import NodeConfig
 from node.dispatch import Dispatcher
@@ -51,6 +52,7 @@ class Node:
         self.metrics = Metrics()
         self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
         self.index = Index(st.index_url)
+        audit_config_loaded(self.index, config)  # [audit] syslog first, so it carries every event
         self._declare_metrics()
         self.notifier = Notifier(config)  # events to the webhook destinations (node.notify)
         self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics, notifier=self.notifier)

@@ -25,6 +25,7 @@ from node.cli.pipelines import orthanc_routing, pipelines_app
 from node.cli.replay import replay
 from node.cli.run import run_offline
 from node.cli.tools import tools_app
+from node.cli.validate import validate
 
 __all__ = ["_config", "app", "main", "parse_peer"]
 
@@ -40,6 +41,7 @@ app.command()(echo)
 app.command()(send)
 app.command("run")(run_offline)
 app.command()(replay)
+app.command()(validate)
 app.command()(status)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(deliveries_app, name="deliveries")
