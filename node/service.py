@@ -36,8 +36,8 @@ from node.ingest import Ingest, Status
 from node.monitor import DestinationMonitor
 from node.notify import Notifier
 from node.receive import Receiver
-from node.route import Router
 from node.retention import Retention
+from node.route import Router
 from node.run import Runner
 from node.spool import INDEX_KEYWORDS, FreeSpace, Spool, read_header
 

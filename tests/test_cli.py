@@ -164,7 +164,9 @@ def test_deliveries_resend_is_picked_up_by_the_running_dispatcher(tmp_path, rg1_
     assert pacs.received == [uid, uid, uid]
     assert [(a.ok, a.status) for a in index.attempts(d.id)] == [(False, "0x0122"), (True, "0x0000"), (True, "0x0000")]
     history = [(t.from_state, t.to_state) for t in index.transitions("delivery", d.id)]
-    assert history == [("pending", "failed"), ("failed", "pending"), ("pending", "delivered"), ("delivered", "pending"), ("pending", "delivered")]
+    assert history == [
+        ("pending", "failed"), ("failed", "pending"), ("pending", "delivered"), ("delivered", "pending"), ("pending", "delivered")
+    ]
     reasons = [t.reason for t in index.transitions("delivery", d.id) if t.to_state == "pending"]
     assert reasons[0] == "resend by tester: PACS fixed"
     assert reasons[1].startswith("resend by ") and reasons[1].endswith(": manual re-send")

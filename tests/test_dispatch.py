@@ -141,7 +141,7 @@ def test_retries_until_destination_returns(state, rg1_uncr):
     assert attempts[-1].ok and not any(a.ok for a in attempts[:-1])
     assert all("association" in a.error for a in attempts[:-1])
     # backoff: each wait at least the policy's delay (jitter 0)
-    gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:], strict=False)]
     assert gaps[0] >= 0.2 - 0.05
     assert pacs.received == [uid]
 

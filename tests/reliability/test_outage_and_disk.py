@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
