@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ import torch
 from models.card import (
     Architecture,
     DataSplit,
-    InputSpec,
     Licence,
     Metric,
     ModelCard,
@@ -56,7 +54,7 @@ from models.card import (
     TrainingRun,
     Weights,
 )
-from models.densenet import PNEUMONIA_INDEX, XRV_LABELS, XRVDenseNet121
+from models.densenet import PNEUMONIA_INDEX, XRV_LABELS
 from pipelines.common.training import (
     TrainResult,
     card_markdown,
@@ -66,11 +64,10 @@ from pipelines.common.training import (
     configure_logging,
     run_environment,
     save_float16_weights,
-    state_copy,
     write_card,
 )
-from pipelines.pneumonia.preprocess import CxrPreprocessor, png_to_image
-from pipelines.pneumonia.train_data import NIH_FINDINGS, read_labels, split_by_patient
+from pipelines.pneumonia.train_data import NIH_FINDINGS
+from pipelines.pneumonia.train_loop import Prepared, StageTrainer, predict, prepare_data
 from pipelines.pneumonia.train_metrics import (
     auroc,
     bootstrap_ci,
@@ -175,51 +172,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- training
 
 
-def _augmenter(size: int, seed: int):
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrast,
-        RandAffine,
-        RandGaussianNoise,
-        RandScaleIntensity,
-        RandShiftIntensity,
-    )
-
-    # Small geometric changes only: radiographs are acquired upright, and
-    # left-right flips would put the heart on the wrong side.
-    aug = Compose(
-        [
-            RandAffine(
-                prob=0.9,
-                rotate_range=(math.radians(8),),
-                scale_range=(0.1, 0.1),
-                translate_range=(0.06 * size, 0.06 * size),
-                padding_mode="zeros",
-                mode="bilinear",
-            ),
-            RandAdjustContrast(prob=0.5, gamma=(0.75, 1.4)),
-            RandScaleIntensity(factors=0.1, prob=0.5),
-            RandShiftIntensity(offsets=0.05, prob=0.5),
-            RandGaussianNoise(prob=0.2, std=0.01),
-        ]
-    )
-    aug.set_random_state(seed=seed)
-    return aug
-
-
-def _predict(model: torch.nn.Module, x: np.ndarray, pre: CxrPreprocessor, batch: int = 32) -> np.ndarray:
-    """Sigmoid outputs ``(N, 18)`` for prepared images ``(N, H, W)`` in [0, 1]."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            xb = torch.from_numpy(np.stack([pre.to_network_input(im) for im in x[i : i + batch]]))
-            out.append(torch.sigmoid(model(xb)).numpy())
-    return np.concatenate(out)
-
-
-
-
 def train_pneumonia(config: TrainConfig) -> TrainResult:
     """Train, evaluate and write the demonstration weights and model card.
 
@@ -249,130 +201,44 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
     data_dir = Path(config.data_dir)
     if not (data_dir / "labels.csv").is_file():
         raise FileNotFoundError(f"{data_dir / 'labels.csv'} not found (expected the cxr14 folder of ../shared/data)")
-
-    rec = read_labels(data_dir, config.limit)
-    y_all = rec.labels
-    pneu = y_all[:, PNEUMONIA_INDEX]
-    splits = split_by_patient(rec.patient_ids, pneu > 0, config.test_fraction, config.val_fraction, config.seed)
-    split_of = {p: s for s, ps in splits.items() for p in ps}
-    idx = {s: np.array([i for i, p in enumerate(rec.patient_ids) if split_of[p] == s]) for s in splits}
-    for s, ii in idx.items():
-        log.info("split %s: %d images, %d patients, %d pneumonia", s, len(ii), len(splits[s]), int(pneu[ii].sum()))
-
-    spec = InputSpec(size=(config.size, config.size), clahe=config.clahe)
-    pre = CxrPreprocessor(spec)
-    t0 = time.monotonic()
-    images = np.stack([pre.prepare(png_to_image(data_dir / "images" / name)).image for name in rec.image_ids])
-    log.info("prepared %d images at %dx%d in %.1f s", len(images), config.size, config.size, time.monotonic() - t0)
-
-    tr = idx["train"]
-    n_pos = y_all[tr].sum(0)
-    n_neg = len(tr) - n_pos
-    # Class weighting: positives of rare findings count up to 30x.
-    pos_weight = torch.from_numpy(np.clip(n_neg / np.maximum(n_pos, 1), 1.0, 30.0).astype(np.float32))
-    label_mask = torch.from_numpy((rec.label_mask & (n_pos > 0)).astype(np.float32))
-
-    model = XRVDenseNet121(in_channels=1, out_channels=len(XRV_LABELS))
-    aug = _augmenter(config.size, config.seed)
-
-    def multitask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, target, pos_weight=pos_weight, reduction="none"
-        )
-        return (per * label_mask).sum(1).mean() / label_mask.sum()
-
-    def pneumonia_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            logits[:, PNEUMONIA_INDEX], target[:, PNEUMONIA_INDEX], pos_weight=pos_weight[PNEUMONIA_INDEX]
-        )
-
-    def run_epoch(opt: torch.optim.Optimizer, stage: int) -> float:
-        model.train()
-        order = rng.permutation(tr)
-        total, n = 0.0, 0
-        for i in range(0, len(order), config.batch_size):
-            b = order[i : i + config.batch_size]
-            if len(b) < 2:  # BatchNorm needs more than one sample
-                continue
-            xb = np.stack(
-                [pre.to_network_input(np.clip(np.asarray(aug(images[j][None]))[0], 0, 1)) for j in b]
-            )
-            xb_t = torch.from_numpy(xb.astype(np.float32))
-            yb = torch.from_numpy(y_all[b])
-            logits = model(xb_t)
-            if stage == 1:
-                loss = multitask_loss(logits, yb)
-            else:
-                loss = pneumonia_loss(logits, yb) + config.stage2_aux_weight * multitask_loss(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(b)
-            n += len(b)
-        return total / max(n, 1)
-
-    def validate() -> dict[str, float]:
-        p = _predict(model, images[idx["val"]], pre)
-        yv = y_all[idx["val"]]
-        return {
-            "val_auroc_pneumonia": auroc(yv[:, PNEUMONIA_INDEX], p[:, PNEUMONIA_INDEX]),
-            "val_mean_auroc": mean_auroc(yv, p, rec.label_mask),
-        }
-
-    history: list[dict] = []
+    data = prepare_data(config, data_dir)
+    trainer = StageTrainer(config, data, rng)
     budget_end = t_start + config.time_budget_s
     stage1_end = t_start + config.stage1_share * config.time_budget_s
-
-    def stage(
-        number: int, lr: float, max_epochs: int, key: str, deadline: float, start_state: dict | None
-    ) -> tuple[dict, dict]:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=2)
-        best_state, best = start_state, None
-        if start_state is not None:
-            best = validate()
-            best["epoch"] = 0
-            log.info("stage %d start: %s", number, best)
-        since = 0
-        epoch_times: list[float] = []
-        for epoch in range(1, max_epochs + 1):
-            if epoch_times and time.monotonic() + np.mean(epoch_times) > deadline:
-                log.info("stage %d: time budget reached after %d epochs", number, epoch - 1)
-                break
-            te = time.monotonic()
-            loss = run_epoch(opt, number)
-            metrics = validate()
-            epoch_times.append(time.monotonic() - te)
-            sched.step(metrics[key])
-            row = {"stage": number, "epoch": epoch, "loss": loss, **metrics, "lr": opt.param_groups[0]["lr"],
-                   "seconds": epoch_times[-1]}
-            history.append(row)
-            improved = best is None or metrics[key] > best[key]
-            log.info("%s%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                     "  *" if improved else "")
-            if improved:
-                best_state, best, since = state_copy(model), {**metrics, "epoch": epoch}, 0
-            else:
-                since += 1
-                if since >= config.patience:
-                    log.info("stage %d: early stop, no gain in %s for %d epochs", number, key, since)
-                    break
-        if best_state is None or best is None:  # max_epochs 0 and no start state
-            raise ValueError(f"stage {number}: no epoch ran and no state to start from")
-        model.load_state_dict(best_state)
-        return best_state, best
-
-    state1, best1 = stage(1, config.lr_stage1, config.max_epochs_stage1, "val_mean_auroc", stage1_end, None)
+    state1, best1 = trainer.stage(1, config.lr_stage1, config.max_epochs_stage1, "val_mean_auroc", stage1_end, None)
     log.info("stage 1 best: %s", best1)
     if config.max_epochs_stage2 > 0:
-        _, best2 = stage(2, config.lr_stage2, config.max_epochs_stage2, "val_auroc_pneumonia", budget_end, state1)
+        _, best2 = trainer.stage(
+            2, config.lr_stage2, config.max_epochs_stage2, "val_auroc_pneumonia", budget_end, state1
+        )
     else:
-        best2 = {**validate(), "epoch": 0}
+        best2 = {**trainer.validate(), "epoch": 0}
     log.info("stage 2 best: %s", best2)
+    operating_point, metrics = _evaluate(config, data, trainer.model)
 
+    # Weights: float16 storage halves the file (~14 MB); the registry casts to float32.
+    out = Path(config.out_dir)
+    weights_path, sha = save_float16_weights(trainer.model.state_dict(), out, config.name)
+
+    wall = time.monotonic() - t_start
+    card = _model_card(config, data, operating_point, metrics, weights_path.name, sha, wall,
+                       best1["epoch"], best2["epoch"], len(trainer.history))
+    card_path = out / "cards" / f"{config.name}.json"
+    write_card(card, card_path, render_card_markdown(card))
+    log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
+             card_path, wall)
+    return TrainResult(card_path, weights_path, card, wall, trainer.history)
+
+
+def _evaluate(
+    config: TrainConfig, data: Prepared, model: torch.nn.Module
+) -> tuple[tuple[float, float, float], list[Metric]]:
+    """The operating point (threshold, sensitivity, specificity) chosen on
+    the validation split, and the card's metrics with bootstrap intervals."""
+    rec, idx, images, pre, y_all = data.rec, data.idx, data.images, data.pre, data.rec.labels
     # Final evaluation: operating point on validation, then the test split once.
-    p_val = _predict(model, images[idx["val"]], pre)[:, PNEUMONIA_INDEX]
-    p_test_all = _predict(model, images[idx["test"]], pre)
+    p_val = predict(model, images[idx["val"]], pre)[:, PNEUMONIA_INDEX]
+    p_test_all = predict(model, images[idx["test"]], pre)
     p_test = p_test_all[:, PNEUMONIA_INDEX]
     y_val = y_all[idx["val"], PNEUMONIA_INDEX]
     y_test = y_all[idx["test"], PNEUMONIA_INDEX]
@@ -408,13 +274,26 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
         log.info("%s [%s]: %.4f (95%% CI %.4f-%.4f), n=%d, positives=%s", m.name, m.split[:40], m.value,
                  m.ci95_low, m.ci95_high, m.n, m.n_positive)
 
-    # Weights: float16 storage halves the file (~14 MB); the registry casts to float32.
-    out = Path(config.out_dir)
-    weights_path, sha = save_float16_weights(model.state_dict(), out, config.name)
+    return (thr, sens_v, spec_v), metrics
 
-    wall = time.monotonic() - t_start
-    positives = {s: int(pneu[ii].sum()) for s, ii in idx.items()}
-    card = ModelCard(
+
+def _model_card(
+    config: TrainConfig,
+    data: Prepared,
+    operating_point: tuple[float, float, float],
+    metrics: list[Metric],
+    weights_name: str,
+    sha: str,
+    wall: float,
+    stage1_best_epoch: int,
+    stage2_best_epoch: int,
+    epochs_run: int,
+) -> ModelCard:
+    """The model card of a finished run."""
+    idx, spec = data.idx, data.spec
+    thr, sens_v, spec_v = operating_point
+    positives = {s: int(data.pneumonia[ii].sum()) for s, ii in idx.items()}
+    return ModelCard(
         name=config.name,
         version=config.version,
         task="classification",
@@ -435,7 +314,7 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
             specificity=round(spec_v, 4),
             dataset="validation split",
         ),
-        weights=Weights(format="state_dict", path=f"../weights/{weights_path.name}", sha256=sha, dtype="float16"),
+        weights=Weights(format="state_dict", path=f"../weights/{weights_name}", sha256=sha, dtype="float16"),
         licence=Licence(
             spdx="Apache-2.0",
             notes="Weights trained in this project. Training images: NIH ChestX-ray14 (public, NIH Clinical "
@@ -448,31 +327,16 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
             "For real use import torchxrayvision's densenet121-res224-rsna weights (see models/cards/README.md)."
         ),
         demonstration_only=True,
-        training_data=TrainingData(
-            description=f"{len(rec.image_ids)} frontal chest radiographs (PA and AP), one per patient, with the 14 "
-            "NIH finding labels; 'No Finding' means none of them.",
-            sources=[DATA_SOURCE],
-            licence="NIH ChestX-ray14: public (NIH Clinical Center); starter set: BSD-3-Clause",
-            n_images=len(rec.image_ids),
-            split=DataSplit(
-                method="by patient (Patient ID), stratified on patient-level pneumonia, scikit-learn "
-                f"train_test_split: test {config.test_fraction:.0%}, validation {config.val_fraction:.0%} of "
-                "patients, the rest training",
-                seed=config.seed,
-                counts={s: len(ii) for s, ii in idx.items()},
-                positives=positives,
-                members={"test": splits["test"], "val": splits["val"]},
-            ),
-        ),
+        training_data=_training_data(config, data),
         training=TrainingRun(
             command=config.command or "train_pneumonia(...)",
             wall_time_s=round(wall, 1),
             **run_environment(_versions()),
             hyperparameters={
                 **config_hyperparameters(config),
-                "stage1_best_epoch": best1["epoch"],
-                "stage2_best_epoch": best2["epoch"],
-                "epochs_run": len(history),
+                "stage1_best_epoch": stage1_best_epoch,
+                "stage2_best_epoch": stage2_best_epoch,
+                "epochs_run": epochs_run,
                 "augmentation": "MONAI RandAffine (rotate 8 deg, scale 10 %, translate 6 %), RandAdjustContrast "
                 "(gamma 0.75-1.4), RandScaleIntensity 10 %, RandShiftIntensity 0.05, RandGaussianNoise 0.01",
                 "loss": "stage 1: BCE over the 14 NIH findings with pos_weight = neg/pos clipped to [1, 30]; "
@@ -492,11 +356,28 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
             "Selvaraju RR et al. Grad-CAM. ICCV 2017. arXiv:1610.02391",
         ],
     )
-    card_path = out / "cards" / f"{config.name}.json"
-    write_card(card, card_path, render_card_markdown(card))
-    log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
-             card_path, wall)
-    return TrainResult(card_path, weights_path, card, wall, history)
+
+
+def _training_data(config: TrainConfig, data: Prepared) -> TrainingData:
+    """The card's description of the training images and their split."""
+    rec, idx = data.rec, data.idx
+    positives = {s: int(data.pneumonia[ii].sum()) for s, ii in idx.items()}
+    return TrainingData(
+        description=f"{len(rec.image_ids)} frontal chest radiographs (PA and AP), one per patient, with the 14 "
+        "NIH finding labels; 'No Finding' means none of them.",
+        sources=[DATA_SOURCE],
+        licence="NIH ChestX-ray14: public (NIH Clinical Center); starter set: BSD-3-Clause",
+        n_images=len(rec.image_ids),
+        split=DataSplit(
+            method="by patient (Patient ID), stratified on patient-level pneumonia, scikit-learn "
+            f"train_test_split: test {config.test_fraction:.0%}, validation {config.val_fraction:.0%} of "
+            "patients, the rest training",
+            seed=config.seed,
+            counts={s: len(ii) for s, ii in idx.items()},
+            positives=positives,
+            members={"test": data.splits["test"], "val": data.splits["val"]},
+        ),
+    )
 
 
 def _versions() -> dict[str, str]:
