@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,7 +97,10 @@ def _built_in_specs():
     for package in pkgutil.iter_modules(pipelines.__path__):
         if not package.ispkg:
             continue
-        folder = Path(package.module_finder.path) / package.name
+        found = importlib.util.find_spec(f"pipelines.{package.name}")  # locates, does not import
+        if found is None or not found.submodule_search_locations:
+            continue
+        folder = Path(next(iter(found.submodule_search_locations)))
         # Look for spec.py without importing the package, so packages without one stay unimported.
         if any(m.name == "spec" for m in pkgutil.iter_modules([str(folder)])):
             module = f"pipelines.{package.name}.spec"

@@ -224,10 +224,10 @@ def test_config_and_node_take_the_plugin_without_importing_torch(plugin_path, tm
     run = subprocess.run([sys.executable, "-c", _NO_TORCH, str(config)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path, env=_env(plugin_path))
     assert run.returncode == 0, run.stderr
-    seen = json.loads(run.stdout)
+    seen = json.loads(run.stdout.strip().splitlines()[-1])  # structlog unconfigured writes to stdout
     assert seen["torch"] == [], "loading the configuration and building the node must not import torch"
     assert seen["pipeline_modules"] == [], "no pipeline class may be imported before a job needs it"
-    assert seen["tiny"] == {"label": "tiny pipeline ran on this CT"}
+    assert seen["tiny"] == {"label": "tiny pipeline ran on this CT", "intended_use": {"default": "warn", "rules": {}}}
     assert seen["pneumonia"]["model"] == "pneumonia-densenet121-demo"
 
     # Without the plug-in the same file is refused, naming what is registered.

@@ -170,7 +170,7 @@ def collect_cases(results_dir: Path, task: str) -> list[Case]:
         elif task == "segmentation" and ds.Modality == "SEG":
             key = str(ds.StudyInstanceUID)
             if key in cases:
-                raise ValueError(f"{results_dir}: two SEGs of study {key} ({cases[key].seg_path.name}, {path.name})")
+                raise ValueError(f"{results_dir}: two SEGs of study {key} ({cases[key].seg_path}, {path.name})")
             series = [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])]
             rows = [r for s in series for r in by_series.get(s, [])]
             rows += [r for r in headers.values() if r["study_uid"] == key and r not in rows]

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ def _auroc_block(y: np.ndarray, p: np.ndarray, groups: Sequence[str]) -> dict:
 
 
 def classification_scores(y: Sequence[int], p: Sequence[float], patients: Sequence[str],
-                          attributes: dict[str, Sequence[str]], thresholds: dict[str, float]) -> dict:
+                          attributes: Mapping[str, Sequence[str]], thresholds: dict[str, float]) -> dict:
     """Every classification figure of the report (JSON-ready).
 
     ``patients``: the Patient ID of each case (the bootstrap's groups);
@@ -136,7 +137,7 @@ def classification_scores(y: Sequence[int], p: Sequence[float], patients: Sequen
         raise ValueError(f"expected as many labels, probabilities and patients, got {len(y_a)}, {len(p_a)}, {len(patients)}")
     from sklearn.metrics import roc_curve
 
-    out = {"n": len(y_a), "n_positive": int(y_a.sum()), "n_patients": len(set(patients)),
+    out: dict[str, Any] = {"n": len(y_a), "n_positive": int(y_a.sum()), "n_patients": len(set(patients)),
            "auroc": _auroc_block(y_a, p_a, patients),
            "operating_points": {name: at_threshold(y_a, p_a, t) for name, t in thresholds.items()},
            "calibration": calibration(y_a, p_a), "roc": None, "subgroups": {}}
@@ -187,7 +188,7 @@ def _mean_block(values: list[float]) -> dict:
 
 
 def segmentation_scores(pairs: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[float]]],
-                        regions: dict[str, Sequence[int]]) -> dict:
+                        regions: Mapping[str, Sequence[int]]) -> dict:
     """Per case and region :func:`region_metrics`, and per region the mean
     Dice and mean HD95 (defined values only) with bootstrap intervals over
     studies. ``pairs``: (case key, predicted labels, true labels, spacing in
