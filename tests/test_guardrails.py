@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
+from highdicom.sr.utils import find_content_items
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
 from models.card import ModelCard
 from models.intended_use import IntendedUseRule
@@ -24,6 +28,7 @@ from node.guard import age_in_years, evaluate, series_values
 from node.index import JobState
 from node.service import Node
 from pipelines.base import Study
+from tests.dicom_checks import run_dciodvfy
 from tests.mr_stack import mr_study
 from tests.peers import free_port, wait_for
 from tests.test_dispatch import StoreSCP
@@ -130,7 +135,24 @@ def test_refused_thick_short_mr_study_ends_out_of_scope(start_node):
     assert counted[("brain_tumour", "slice_count", "refuse")] == 4.0
 
 
-def test_warn_processes_and_records_the_warning_in_envelope_input_has_none(start_node):
+def result_paths(node: Node, job_id: int) -> dict[str, str]:
+    """Modality (SEG, SR) -> the outbox file of the result object the job wrote."""
+    return {r.modality: r.path for r in node.index.job_results(job_id)}
+
+
+def sr_comments(path: str) -> list[str]:
+    """The TEXT "Comment" (DCM 121106) items of the SR's measurement groups,
+    read back with highdicom."""
+    report = hd.sr.srread(path)
+    groups = find_content_items(report, name=codes.DCM.MeasurementGroup, recursive=True)
+    return [
+        str(item.TextValue)
+        for group in groups
+        for item in find_content_items(group, name=codes.DCM.Comment, value_type=hd.sr.ValueTypeValues.TEXT)
+    ]
+
+
+def test_warn_processes_and_records_the_warning_in_envelope_input_has_none(start_node, tmp_path):
     node, pacs, cfg = start_node([CHEST_ROUTE], {})  # the default: warn
     twelve_bit, inside = small_cr(PatientAge="045Y"), in_envelope_cr()
     assert send(cfg, twelve_bit, inside) == [0x0000, 0x0000]
@@ -143,6 +165,20 @@ def test_warn_processes_and_records_the_warning_in_envelope_input_has_none(start
     [reason] = [r for r in job_reasons(node, inside.StudyInstanceUID) if r.startswith("2 results")]
     assert "intended use" not in reason
     assert decisions(node) == {("pneumonia", "bit_depth", "warn"): 1.0}
+    # The warned SR says why in its measurement group; both Series Descriptions say it.
+    paths = result_paths(node, warned.id)
+    [comment] = sr_comments(paths["SR"])
+    assert comment.startswith("OUT OF INTENDED USE: bit_depth") and "BitsStored=12" in comment, comment
+    for modality, path in paths.items():
+        ds = pydicom.dcmread(path)
+        assert "OUT OF INTENDED USE" in ds.SeriesDescription and "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+        result = run_dciodvfy(ds, tmp_path, name=f"warned-{modality}.dcm")
+        assert result.errors == [] and result.returncode == 0, (modality, result.errors)
+    paths = result_paths(node, clean.id)
+    for modality, path in paths.items():
+        description = pydicom.dcmread(path).SeriesDescription
+        assert "OUT OF INTENDED USE" not in description and "NOT FOR DIAGNOSTIC USE" in description, modality
+    assert sr_comments(paths["SR"]) == []
 
 
 def test_rule_and_configuration_errors_name_the_rule():
@@ -179,3 +215,17 @@ def test_derived_attributes():
     odd = in_envelope_cr(PixelSpacing=[0.5, 2.0])
     found = evaluate(card, Study(odd.StudyInstanceUID, {odd.SeriesInstanceUID: [odd]}), GuardSettings())
     assert [d.rule for d in found] == ["pixel_spacing"]
+
+
+def test_out_of_intended_use_marker_survives_shortening():
+    from pipelines.common.identity import AlgorithmDescription, series_description
+
+    long_name = AlgorithmDescription(name="a-model-name-long-enough-to-force-the-shortest-form", version="1.2.3")
+    for algorithm in (long_name, AlgorithmDescription(name="m", version="1.0")):
+        marked = series_description("brain_tumour", algorithm, "SEG", out_of_intended_use=True)
+        plain = series_description("brain_tumour", algorithm, "SEG")
+        assert len(marked) <= 64 and "OUT OF INTENDED USE" in marked and "NOT FOR DIAGNOSTIC USE" in marked, marked
+        assert "OUT OF INTENDED USE" not in plain and "NOT FOR DIAGNOSTIC USE" in plain
+    assert series_description("brain_tumour", long_name, "SEG", out_of_intended_use=True) == (
+        "SEG 1.2.3 OUT OF INTENDED USE NOT FOR DIAGNOSTIC USE"
+    )

@@ -326,9 +326,10 @@ def add_intended_use_warnings(report: hd.sr.MeasurementReport, warnings: Sequenc
     (DCM 121106), relationship CONTAINS, value ``"OUT OF INTENDED USE:
     <warning>"``, after the group's measurements.
 
-    PS3.16 TID 1501/1410/1411 hold free-text qualitative evaluations as
-    CONTAINS TEXT rows; highdicom's ``QualitativeEvaluation`` is coded only,
-    hence the item is appended here. No warnings: ``report`` is unchanged.
+    highdicom's ``QualitativeEvaluation`` (TID 1501/1410/1411) is coded
+    only and a warning is free text, hence the item is appended here, under
+    the group's container; "Comment" is the DCM concept for free text about
+    a finding. No warnings: ``report`` is unchanged.
 
     Raises
     ------

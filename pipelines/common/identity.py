@@ -25,6 +25,7 @@ from pipelines.common.sanitize import find_invalid_values
 
 __all__ = [
     "NOT_FOR_DIAGNOSTIC_USE",
+    "OUT_OF_INTENDED_USE",
     "AlgorithmDescription",
     "check_long_string",
     "ensure_valid_values",
@@ -35,6 +36,11 @@ __all__ = [
 #: Said by the Series Description of every derived object (and by the SEG's
 #: Content Description): the node's results support review, not diagnosis.
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+#: Said by the Series Description of a derived object made from an input
+#: outside the model card's intended use, processed with a warning
+#: (:mod:`node.guard`), and by each warning in the SR.
+OUT_OF_INTENDED_USE = "OUT OF INTENDED USE"
 
 # LO (PS3.5 6.2): 64 characters of the default repertoire, no backslash, no
 # control characters. Our own strings are kept to printable ASCII so that
@@ -172,29 +178,34 @@ def fit_long_string(candidates: Sequence[str], attribute: str, *, limit: int = _
     )
 
 
-def series_description(pipeline: str, algorithm: AlgorithmDescription, kind: str) -> str:
+def series_description(
+    pipeline: str, algorithm: AlgorithmDescription, kind: str, *, out_of_intended_use: bool = False
+) -> str:
     """Series Description (0008,103E) of a derived series.
 
     Names the pipeline, the object kind, the model's name and version, and
-    says "NOT FOR DIAGNOSTIC USE", shortened (model name first, then
-    pipeline) to fit the 64 characters of LO; the version and the warning
-    always stay. The full name and version also go where the IOD has room.
+    says "NOT FOR DIAGNOSTIC USE" (with ``out_of_intended_use``, first "OUT
+    OF INTENDED USE"), shortened (model name first, then pipeline) to fit
+    the 64 characters of LO; the version and the warnings always stay. The
+    full name and version also go where the IOD has room.
 
     Raises
     ------
     ValueError
-        Even ``"<kind> <version> NOT FOR DIAGNOSTIC USE"`` is over 64
-        characters.
+        Even ``"<kind> <version> [OUT OF INTENDED USE ]NOT FOR DIAGNOSTIC
+        USE"`` is over 64 characters.
     """
     check_long_string(pipeline, "pipeline")
     check_long_string(kind, "kind")
     name, version = algorithm.name, algorithm.version
+    # Every form carries the markers, so shortening never drops them.
+    marker = f"{OUT_OF_INTENDED_USE} {NOT_FOR_DIAGNOSTIC_USE}" if out_of_intended_use else NOT_FOR_DIAGNOSTIC_USE
     return fit_long_string(
         [
-            f"{pipeline} {kind} {name} {version} - {NOT_FOR_DIAGNOSTIC_USE}",
-            f"{name} {version} {kind} - {NOT_FOR_DIAGNOSTIC_USE}",
-            f"{pipeline} {kind} {version} - {NOT_FOR_DIAGNOSTIC_USE}",
-            f"{kind} {version} {NOT_FOR_DIAGNOSTIC_USE}",
+            f"{pipeline} {kind} {name} {version} - {marker}",
+            f"{name} {version} {kind} - {marker}",
+            f"{pipeline} {kind} {version} - {marker}",
+            f"{kind} {version} {marker}",
         ],
         "SeriesDescription",
     )
