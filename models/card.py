@@ -166,6 +166,10 @@ class VolumeInputSpec(_Strict):
         channel_wise=True)``, i.e. each channel z-scored over its non-zero voxels.
     skull_stripped:
         The model was trained on skull-stripped, co-registered volumes (BraTS).
+    bias_field_correction:
+        The training volumes were N4 bias-field corrected (Tustison et al., IEEE
+        TMI 2010), so inputs must be too. BraTS releases are not N4-corrected in
+        their final images: ``False`` unless the model's training says so.
     """
 
     modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
@@ -174,6 +178,7 @@ class VolumeInputSpec(_Strict):
     array_axes: ArrayAxes = "zyx"
     normalisation: Literal["zscore_nonzero_channelwise"] = "zscore_nonzero_channelwise"
     skull_stripped: bool = True
+    bias_field_correction: bool = False
 
     @field_validator("channels")
     @classmethod

@@ -282,33 +282,39 @@ def test_demo_model_finds_the_tumour_of_the_tcga_case(demo):
     assert wt >= 0.5
 
 
-#: WT Dice floor of the whole pipeline (DICOM in, N4, SEG out) on TCGA-FG-6692 with the demonstration
-#: weights. Measured 0.599 here (through the model alone, without N4, as trained: 0.643, the card's
-#: whole-case figure; N4 shifts the intensities a little from what the demo model was trained on). The
-#: floor leaves room for CPU arithmetic differences, not for a model that lost the tumour. The case is the
-#: demo model's training case (its held-out slab is part of it): this is a floor, not a performance claim.
-PIPELINE_WT_DICE_FLOOR = 0.55
+#: WT Dice floor of the whole pipeline (DICOM in, SEG out) on TCGA-FG-6692 with the demonstration weights,
+#: preprocessed as the card says the model was trained (no N4). Measured 0.643 here, the card's whole-case
+#: figure through the model alone (0.599 with N4 on, which shifts the intensities from what the model
+#: saw). The floor leaves room for CPU arithmetic differences, not for a model that lost the
+#: tumour. The case is the demo model's training case (its held-out slab is part of it): this is a floor,
+#: not a performance claim.
+PIPELINE_WT_DICE_FLOOR = 0.60
+#: The same patient and session as acquired (TCGA-FG-6692-raw: 26 axial slices of 5.5 mm, not
+#: co-registered, not skull-stripped) must give nearly the same whole tumour as the BraTS-preprocessed
+#: study. Measured (ml, raw vs preprocessed) WT 15.37 vs 15.05 (+2 %), TC 3.33 vs 4.57, ET 2.65 vs 4.02
+#: (thick slices blur the small core); with N4 on (not as trained) WT was 5.94 vs 13.61 (-56 %).
+RAW_WT_TOLERANCE = 0.25
+TCGA_RAW = SHARED_DATA / "brats" / "TCGA-FG-6692-raw"
 
 
-def test_pipeline_wt_dice_on_the_tcga_case_from_dicom(tmp_path):
-    """The pipeline as the node runs it: the TCGA case converted to a DICOM MR study, read back,
-    preprocessed (N4 included), segmented, written as a SEG; the SEG's whole tumour, read back with
-    highdicom slice by slice, against the consensus labels resampled (nearest) onto the T1c series."""
-    import SimpleITK as sitk
+@pytest.fixture(scope="module")
+def brain_pipeline():
+    """One pipeline with the node's default settings (the demo card, N4 as the card says)."""
+    from pipelines.brain_tumour.pipeline import BrainTumourPipeline
+    from pipelines.brain_tumour.settings import BrainTumourSettings
+
+    return BrainTumourPipeline(BrainTumourSettings(), ModelRegistry())
+
+
+def _run_from_dicom(pipeline, case: Path, out: Path):
+    """Convert ``case`` with the project's converter (as ``ainode tools nifti-to-dicom`` does), read the
+    files back and run ``pipeline`` on the study; returns (series by role, SEG, context)."""
+    import pydicom
 
     from pipelines.base import PipelineContext, Study
     from pipelines.brain_tumour.convert import nifti_to_dicom
-    from pipelines.brain_tumour.pipeline import BrainTumourPipeline
-    from pipelines.brain_tumour.settings import BrainTumourSettings
-    from pipelines.brain_tumour.train_data import dice
-    from pipelines.brain_tumour.volume import series_to_image
-    from tests.dicom_checks import read_seg
-    from tests.test_brain_write import slice_masks
 
-    consensus = shared_file(TCGA / "TCGA-FG-6692_seg-consensus.nii.gz")
-    converted = nifti_to_dicom(TCGA, tmp_path, patient_name="TCGA^FG6692", patient_id="TCGA-FG-6692")
-    import pydicom
-
+    converted = nifti_to_dicom(case, out, patient_name="TCGA^FG6692", patient_id="TCGA-FG-6692")
     series = {role: [pydicom.dcmread(p) for p in s.paths] for role, s in converted.series.items()}
     study = Study(
         study_instance_uid=converted.study_instance_uid,
@@ -316,16 +322,71 @@ def test_pipeline_wt_dice_on_the_tcga_case_from_dicom(tmp_path):
         roles={role: datasets[0].SeriesInstanceUID for role, datasets in series.items()},
     )
     context = PipelineContext()
-    seg, _ = BrainTumourPipeline(BrainTumourSettings(), ModelRegistry()).run(study, context)
+    seg, _ = pipeline.run(study, context)
+    return series, seg, context
 
+
+@pytest.fixture(scope="module")
+def tcga_run(brain_pipeline, tmp_path_factory):
+    """The BraTS-preprocessed TCGA case through the pipeline from DICOM (shared by two tests)."""
+    shared_file(TCGA / "TCGA-FG-6692_seg-consensus.nii.gz")
+    return _run_from_dicom(brain_pipeline, TCGA, tmp_path_factory.mktemp("tcga"))
+
+
+def _volumes_ml(series, seg) -> dict[str, float]:
+    from pipelines.brain_tumour.write import measure_volumes
+
+    volumes = measure_volumes(series["T1c"], seg)
+    return {name: volumes.ml(name) for name in ("WT", "TC", "ET")}
+
+
+@pytest.mark.slow
+def test_pipeline_follows_the_card_on_bias_field_correction(brain_pipeline):
+    assert brain_pipeline.model.card.volume_input.bias_field_correction is False
+    assert brain_pipeline.n4 is False and brain_pipeline.algorithm.parameters["n4"] == "off"
+
+
+@pytest.mark.slow
+def test_pipeline_wt_dice_on_the_tcga_case_from_dicom(tcga_run):
+    """The pipeline as the node runs it: the TCGA case converted to a DICOM MR study, read back,
+    preprocessed as trained (no N4), segmented, written as a SEG; the SEG's whole tumour, read back with
+    highdicom slice by slice, against the consensus labels resampled (nearest) onto the T1c series."""
+    import SimpleITK as sitk
+
+    from pipelines.brain_tumour.train_data import dice
+    from pipelines.brain_tumour.volume import series_to_image
+    from tests.dicom_checks import read_seg
+    from tests.test_brain_write import slice_masks
+
+    series, seg, context = tcga_run
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert "n4=off" in algorithm.AlgorithmParameters.split(","), algorithm.AlgorithmParameters
+    consensus = TCGA / "TCGA-FG-6692_seg-consensus.nii.gz"
     reference = series_to_image(series["T1c"])
     predicted_wt = slice_masks(read_seg(seg), list(reference.datasets)).any(-1)
     truth = sitk.Resample(sitk.ReadImage(str(consensus)), reference.image, sitk.Transform(), sitk.sitkNearestNeighbor)
     truth_wt = np.isin(sitk.GetArrayFromImage(truth), [1, 2, 4])
     assert truth_wt.sum() == 2477 + 20862 + 6840  # all of the consensus lands on the series
     wt = dice(predicted_wt, truth_wt)
-    print(f"\npipeline WT Dice on TCGA-FG-6692 (from DICOM, N4 on): {wt:.4f}; stages {context.timings}")
+    print(f"\npipeline WT Dice on TCGA-FG-6692 (from DICOM, N4 off as trained): {wt:.4f}; "
+          f"volumes {_volumes_ml(series, seg)}; stages {context.timings}")
     assert wt >= PIPELINE_WT_DICE_FLOOR, wt
+
+
+@pytest.mark.slow
+def test_raw_scanner_study_gives_the_whole_tumour_of_the_preprocessed_one(brain_pipeline, tcga_run, tmp_path):
+    """The scanner-space series of the same session (thick slices, not registered, not skull-stripped:
+    outside the card's intended-use envelope, so the node would warn or refuse; a direct pipeline call runs
+    no guard) through the same pipeline: WT within RAW_WT_TOLERANCE of the preprocessed study's."""
+    shared_file(TCGA_RAW / "T1_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_T1_AX_SE_10_se2d1_t1.nii.gz")
+    preprocessed = _volumes_ml(*tcga_run[:2])
+    series, seg, context = _run_from_dicom(brain_pipeline, TCGA_RAW, tmp_path)
+    raw = _volumes_ml(series, seg)
+    assert brain_pipeline.extractor._extractor is not None  # deepbet stripped the raw study
+    print("\nTCGA-FG-6692 ml, raw vs preprocessed (N4 off): "
+          + "; ".join(f"{k} {raw[k]:.2f} vs {preprocessed[k]:.2f} ({raw[k] / preprocessed[k] - 1:+.0%})"
+                      for k in raw))
+    assert raw["WT"] == pytest.approx(preprocessed["WT"], rel=RAW_WT_TOLERANCE), (raw, preprocessed)
 
 
 # --------------------------------------------------------------------------- training

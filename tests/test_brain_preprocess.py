@@ -334,3 +334,33 @@ def test_deepbet_agrees_with_the_brats_skull_strip(brats_volumes):
     mask = sitk.GetArrayViewFromImage(DeepbetExtractor()(t1)) > 0
     brats = sitk.GetArrayViewFromImage(t1) != 0
     assert _dice(mask, brats) > 0.95
+
+
+TCGA = SHARED_DATA / "brats" / "TCGA-FG-6692-preprocessed"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TCGA.is_dir(), reason=f"real data folder ../shared/data absent ({SHARED_DATA})")
+def test_card_defaults_reproduce_the_training_input():
+    """preprocess_study as the pipeline calls it for the demo card (N4 per the card: off) on the TCGA
+    case converted to DICOM gives the array the model was trained on (train_data.load_case)."""
+    from models.registry import ModelRegistry
+    from pipelines.brain_tumour.train_data import find_brats_cases, load_case
+
+    vin = ModelRegistry().card("brats-segresnet-demo").volume_input
+    assert vin is not None and vin.bias_field_correction is False
+    (case,) = find_brats_cases(TCGA)
+    trained, _, spacing = load_case(case, vin.channels)
+    study = study_info(patient_name="TCGA^FG6692", patient_id="TCGA-FG-6692", uid_parts=["test_card_defaults"])
+    volumes = {
+        role: series_to_image(image_to_series(
+            sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS"), SEQUENCE_PROTOCOLS[role], study,
+            series_instance_uid=derived_uid(None, study.study_instance_uid, role),
+        ))
+        for role, path in find_case_files(TCGA).items()
+    }
+    prep = preprocess_study(volumes, channel_order=vin.channels, n4=vin.bias_field_correction)
+    assert prep.array.shape == trained.shape and prep.spacing_mm == pytest.approx(spacing)
+    brain = prep.brain_mask & (trained != 0).any(0)
+    assert brain.sum() > 1_000_000  # the whole brain, not a corner of it
+    np.testing.assert_allclose(prep.array[:, brain], trained[:, brain], atol=1e-3)

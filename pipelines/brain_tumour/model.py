@@ -253,6 +253,11 @@ class BrainTumourModel:
         return tuple(self._vin.channels)
 
     @property
+    def bias_field_correction(self) -> bool:
+        """Whether the model was trained on N4-corrected volumes (the card's ``volume_input``)."""
+        return self._vin.bias_field_correction
+
+    @property
     def input_spacing_mm(self) -> tuple[float, float, float]:
         """The card's voxel size as ``(D, H, W)`` mm of the node's array: a
         volume already on this grid is not resampled by :meth:`predict`."""

@@ -5,7 +5,9 @@ BraTS style (Menze et al., IEEE TMI 2015; Baid et al. 2021, arXiv:2107.02314):
 1. read each role's series (T1, T1c, T2, FLAIR) into a volume with its real
    geometry (:mod:`pipelines.brain_tumour.volume`);
 2. reorient, co-register to T1c where the grids differ, resample to 1 mm,
-   N4 (shrink 4), skull-strip when needed, z-score per channel
+   N4 (shrink 4) only where the model was trained on N4-corrected volumes
+   (the card's ``volume_input.bias_field_correction``, or ``n4`` in the
+   settings), skull-strip when needed, z-score per channel
    (:mod:`pipelines.brain_tumour.preprocess`);
 3. a SegResNet with sliding-window inference (:mod:`pipelines.brain_tumour.model`):
    TC, WT, ET probabilities -> BraTS labels NCR (1), ED (2), ET (4);
@@ -60,7 +62,7 @@ class BrainTumourPipeline:
     ----------
     settings:
         ``[pipelines.brain_tumour]``: model card, reference role, roi/overlap
-        overrides, skull stripping, N4 shrink factor.
+        overrides, skull stripping, N4 on/off (empty: the card's) and shrink factor.
     registry:
         Where the model card and weights are found (loaded once, here).
     device:
@@ -80,11 +82,16 @@ class BrainTumourPipeline:
         self.device = device
         self.model = BrainTumourModel(registry, settings.model, device)
         self.extractor = _LazyBrainExtractor(device)
+        # Preprocess as the model was trained: a mismatch changes the volumes
+        # (TCGA-FG-6692 scanner series: WT 5.9 ml with N4, 15.4 ml without).
+        self.n4 = self.model.bias_field_correction if settings.n4 is None else settings.n4
         params = {
             "reference": settings.reference_role,
             "skull_strip": settings.skull_strip,
-            "n4_shrink": str(settings.n4_shrink_factor),
+            "n4": "on" if self.n4 else "off",
         }
+        if self.n4:
+            params["n4_shrink"] = str(settings.n4_shrink_factor)
         if settings.roi_size:
             params["roi"] = "x".join(map(str, settings.roi_size))
         if settings.overlap is not None:
@@ -132,6 +139,7 @@ class BrainTumourPipeline:
             volumes,
             channel_order=self.model.channels,
             reference_role=self.settings.reference_role,
+            n4=self.n4,
             n4_shrink_factor=self.settings.n4_shrink_factor,
             skull_strip=self.settings.skull_strip,
             brain_extractor=self.extractor,

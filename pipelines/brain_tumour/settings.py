@@ -28,4 +28,9 @@ class BrainTumourSettings(BaseModel):
     skull_strip: Literal["auto", "always", "never"] = Field(
         "auto", description="'auto' strips only volumes that are not already skull-stripped."
     )
+    n4: bool | None = Field(
+        None,
+        description="N4 bias-field correction on/off; empty follows the model card "
+        "(volume_input.bias_field_correction: how the model was trained).",
+    )
     n4_shrink_factor: int = Field(4, ge=1, le=8, description="N4 runs on a volume shrunk by this factor.")

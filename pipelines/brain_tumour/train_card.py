@@ -172,7 +172,8 @@ def demo_card(
         architecture=Architecture(name="monai-segresnet", params=params),
         volume_input=VolumeInputSpec(modalities=["MR"], channels=list(CHANNELS),
                                      spacing_mm=(config.spacing_mm,) * 3, array_axes="xyz",
-                                     normalisation="zscore_nonzero_channelwise", skull_stripped=True),
+                                     normalisation="zscore_nonzero_channelwise", skull_stripped=True,
+                                     bias_field_correction=False),  # train_data.load_case: no N4
         segmentation=SegmentationSpec(
             channels=["TC", "WT", "ET"], activation="sigmoid", threshold=0.5, label_rules=list(BRATS_RULES),
             regions=BRATS_REGIONS,
@@ -234,11 +235,16 @@ def render_card_markdown(card: ModelCard) -> str:
         f"- Architecture: `{card.architecture.name}` {card.architecture.params}; weights `{card.weights.path}` "
         f"({card.weights.format}, {card.weights.dtype}), SHA-256 `{card.weights.sha256}`.",
         f"- Input: channels {', '.join(vin.channels)}; {vin.spacing_mm} mm voxels; network layout "
-        f"`{vin.array_axes}`; normalisation `{vin.normalisation}`; skull-stripped {vin.skull_stripped}.",
+        f"`{vin.array_axes}`; normalisation `{vin.normalisation}`; skull-stripped {vin.skull_stripped}; "
+        + ("N4 bias-field correction (as trained)." if vin.bias_field_correction
+           else "no bias-field correction (as trained)."),
         f"- Inference: sliding window roi {tuple(seg.sliding_window.roi_size)}, overlap {seg.sliding_window.overlap}; "
         f"{seg.activation} over {', '.join(seg.channels)}; threshold {seg.threshold}.",
         "- Labels (first rule that applies): " + "; ".join(f"{r.channel} -> {r.label} ({r.name})"
                                                            for r in seg.label_rules) + ".",
+        "- Limitations: thick-slice input (e.g. 5.5 mm axial scanner series) is outside the training space, "
+        "which is 1 mm isotropic, atlas-registered volumes; the `slice_thickness` rule flags it. It is resampled "
+        "and segmented, but partial-volume blur changes the volumes, the tumour core and enhancing tumour most.",
     ]
     performance = ["| metric | value | n | data | split |", "|---|---|---|---|---|"]
     performance += [f"| {m.name} | {m.value:.4f} | {m.n} | {m.dataset} | {m.split} |" for m in card.metrics]

@@ -46,19 +46,28 @@ from pydicom.uid import (
 )
 
 from pipelines.base import PipelineContext
+from pipelines.common.derived_objects import (
+    MeasurementGroup,
+    binary_segmentation,
+    check_label_map,
+    compact_empty_label_map,
+    comprehensive_sr,
+    measurement_report,
+    sanitized_sources,
+    segment_description,
+    volumetric_roi_group,
+)
 from pipelines.common.geometry import SliceStack, slice_stack
 from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmDescription,
     check_long_string,
     ensure_valid_values,
-    fit_long_string,
-    series_description,
 )
-from pipelines.common.sanitize import Repair, reference_proxies, sanitize_series, sanitize_source
+from pipelines.common.sanitize import Repair, reference_proxies, sanitize_source
 from pipelines.common.seg_frames import check_segmentation, segment_voxel_counts
-from pipelines.common.sr_content import device_observation_context, insert_image_library, series_image_library
-from pipelines.common.uids import derived_uid, derived_uids, device_uid
+from pipelines.common.sr_content import device_observation_context, series_image_library
+from pipelines.common.uids import derived_uids
 
 __all__ = [
     "PIPELINE",
@@ -79,8 +88,6 @@ SR_SERIES_NUMBER = 9822
 #: Content Label (0070,0080), CS: at most 16 of A-Z 0-9 _ and space.
 CONTENT_LABEL = "BUNDLE_SEG"
 
-VOLUME = codes.SCT.Volume  # SCT 118565006
-MILLILITER = Code("ml", "UCUM", "milliliter")
 #: Procedure reported (CID 100) by the source's Modality.
 PROCEDURES = {"CT": codes.cid100.CTUnspecifiedBodyRegion, "MR": codes.cid100.MRIUnspecifiedBodyRegion}
 
@@ -170,15 +177,8 @@ def _check_reference(reference: Sequence[Dataset]) -> tuple[SliceStack, bool, st
 
 
 def _check_labels(labels: object, stack: SliceStack, segments: Sequence[Segment]) -> None:
-    if not isinstance(labels, np.ndarray) or labels.dtype != np.uint8:
-        got = f"ndarray of dtype {labels.dtype}" if isinstance(labels, np.ndarray) else type(labels).__name__
-        raise TypeError(f"labels must be a numpy.ndarray of dtype uint8, got {got}")
-    if labels.shape != stack.shape:
-        raise ValueError(f"labels has shape {labels.shape}, expected (slices, Rows, Columns) = {stack.shape}")
     known = {0, *(s.label for s in segments)}
-    unexpected = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=256)) if v not in known]
-    if unexpected:
-        raise ValueError(f"labels holds values {unexpected}; the bundle's labels are {sorted(known - {0})}")
+    check_label_map(labels, stack.shape, known, f"the bundle's labels are {sorted(known - {0})}")
 
 
 def write_seg(
@@ -237,62 +237,38 @@ def write_seg(
         raise ValueError("segments is empty: a SEG needs at least one segment")
     _check_labels(labels, stack, segments)
     check_long_string(context.manufacturer, "PipelineContext.manufacturer")
-    if multiframe:
-        proxy, repairs = sanitize_source(reference[0])
-        proxies = [proxy]
-    else:
-        proxies, repairs = sanitize_series(reference)
+    proxies, repairs = sanitized_sources(reference, multiframe)
     kind = "SEG compact" if omit_empty_frames else "SEG"
     uids = derived_uids(list(reference), pipeline=PIPELINE, algorithm=algorithm, kind=kind, prefix=context.uid_prefix)
-
     masks = np.stack([labels == segment.label for segment in segments], axis=-1)
-    omit = omit_empty_frames
-    if omit and not multiframe and not masks.any():
-        # Nothing found: one empty frame per segment on the middle slice.
-        middle = len(proxies) // 2
-        proxies, masks, omit = [proxies[middle]], masks[middle : middle + 1], False
-    descriptions = []
-    for segment in segments:
-        description = hd.seg.SegmentDescription(
-            segment_number=segment.number,
-            segment_label=segment.segment_label,
-            segmented_property_category=segment.category,
-            segmented_property_type=segment.property_type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm.segmentation_identification(),
-            tracking_uid=derived_uid(context.uid_prefix, "tracking", str(uids.sop_instance_uid), str(segment.number)),
-            tracking_id=segment.segment_label,
-            display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(segment.number - 1) % len(_PALETTE)]),
-        )
-        name = segment.name if segment.segment_label == segment.name else segment.segment_label
-        description.SegmentDescription = (
-            f"Label {segment.label} ({name}) of {algorithm.label} (pipeline {PIPELINE}). {NOT_FOR_DIAGNOSTIC_USE}."
-        )
-        descriptions.append(description)
-
-    seg = hd.seg.Segmentation(
-        source_images=proxies,
-        pixel_array=masks,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=uids.series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        device_serial_number=str(device_uid(algorithm, context.uid_prefix)),
-        omit_empty_frames=omit,
-        content_label=CONTENT_LABEL,
-        content_description=fit_long_string(
-            [f"{algorithm.label} - {NOT_FOR_DIAGNOSTIC_USE}", f"{algorithm.version} - {NOT_FOR_DIAGNOSTIC_USE}"],
-            "ContentDescription",
-        ),
-        series_description=series_description(PIPELINE, algorithm, "SEG"),
+    proxies, masks, omit = compact_empty_label_map(proxies, masks, omit_empty_frames, multiframe)
+    descriptions = [_segment(segment, algorithm, context, str(uids.sop_instance_uid)) for segment in segments]
+    seg = binary_segmentation(
+        proxies, masks, descriptions, uids=uids, pipeline=PIPELINE, algorithm=algorithm, context=context,
+        series_number=series_number, omit_empty_frames=omit, content_label=CONTENT_LABEL,
+        content_descriptions=[algorithm.label, algorithm.version],
     )
     ensure_valid_values(seg, "SEG")
     return seg, repairs
+
+
+def _segment(
+    segment: Segment, algorithm: AlgorithmDescription, context: PipelineContext, sop_instance_uid: str
+) -> hd.seg.SegmentDescription:
+    name = segment.name if segment.segment_label == segment.name else segment.segment_label
+    return segment_description(
+        number=segment.number,
+        label=segment.segment_label,
+        category=segment.category,
+        property_type=segment.property_type,
+        description=(
+            f"Label {segment.label} ({name}) of {algorithm.label} (pipeline {PIPELINE}). {NOT_FOR_DIAGNOSTIC_USE}."
+        ),
+        algorithm=algorithm,
+        context=context,
+        sop_instance_uid=sop_instance_uid,
+        display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(segment.number - 1) % len(_PALETTE)]),
+    )
 
 
 def segment_volumes_ml(reference: Sequence[Dataset], seg: Dataset) -> dict[int, float]:
@@ -353,50 +329,22 @@ def write_sr(
     observation_context = device_observation_context(algorithm, manufacturer=context.manufacturer, prefix=prefix)
     proxy, repairs = sanitize_source(reference[0])
     uids = derived_uids([*reference, seg], pipeline=PIPELINE, algorithm=algorithm, kind="SR", prefix=prefix)
-    items = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
-    groups = []
+    numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+    groups: list[MeasurementGroup] = []
     for segment in segments:
-        item = items.get(segment.number)
-        if item is None:
+        if segment.number not in numbers:
             raise ValueError(f"SegmentSequence of seg has no segment {segment.number} ({segment.name})")
         groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=item.SegmentLabel),
-                referenced_segment=hd.sr.ReferencedSegment(
-                    sop_class_uid=seg.SOPClassUID,
-                    sop_instance_uid=seg.SOPInstanceUID,
-                    segment_number=segment.number,
-                    source_series=hd.sr.SourceSeriesForSegmentation(str(reference[0].SeriesInstanceUID)),
-                ),
-                finding_category=segment.category,
-                finding_type=segment.property_type,
-                algorithm_id=algorithm.sr_identification(),
-                measurements=[hd.sr.Measurement(name=VOLUME, value=volumes[segment.number], unit=MILLILITER)],
+            volumetric_roi_group(
+                seg, segment.number, source_series=str(reference[0].SeriesInstanceUID),
+                finding_category=segment.category, finding_type=segment.property_type,
+                volume_ml=volumes[segment.number], algorithm=algorithm,
             )
         )
-    report = hd.sr.MeasurementReport(
-        observation_context=observation_context,
-        procedure_reported=PROCEDURES[modality],
-        imaging_measurements=groups,
-        title=codes.cid7021.ImagingMeasurementReport,
-    )
     library = reference_proxies(list(reference))
-    insert_image_library(report, series_image_library([library]))
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[proxy, *library, seg],
-        content=report[0],
-        series_instance_uid=uids.series_instance_uid,
+    report = measurement_report(observation_context, PROCEDURES[modality], groups, series_image_library([library]))
+    sr = comprehensive_sr(
+        [proxy, *library, seg], report, uids=uids, pipeline=PIPELINE, algorithm=algorithm, context=context,
         series_number=series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=series_description(PIPELINE, algorithm, "SR"),
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        device_serial_number=str(device_uid(algorithm, prefix)),
     )
-    ensure_valid_values(sr, "SR")
     return sr, repairs

@@ -70,19 +70,23 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from pipelines.base import PipelineContext
+from pipelines.common.derived_objects import (
+    binary_segmentation,
+    comprehensive_sr,
+    measurement_report,
+    segment_description,
+)
 from pipelines.common.identity import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmDescription,
     check_long_string,
     ensure_valid_values,
-    fit_long_string,
-    series_description,
 )
 from pipelines.common.outline import image_outline, region_outline
 from pipelines.common.sanitize import Repair, sanitize_source
 from pipelines.common.seg_geometry import add_patient_orientation, add_pixel_grid_geometry, segmentation_source
-from pipelines.common.sr_content import device_observation_context, image_library, insert_image_library
-from pipelines.common.uids import derived_uid, derived_uids, device_uid
+from pipelines.common.sr_content import device_observation_context, image_library
+from pipelines.common.uids import derived_uid, derived_uids
 
 __all__ = [
     "PIPELINE",
@@ -149,16 +153,12 @@ def write_seg(
     Sequence (family DCM 123110 "Artificial Intelligence", CID 7162).
 
     Geometry is the source's own: one frame on its pixel grid, tied to it
-    by the Derivation Image functional group (PS3.3 A.51.5.1). A projection
-    radiograph has no Frame of Reference; the SEG then has none either and
-    carries the source's Patient Orientation (Type 2C, empty where the
-    source has no valid one). Where the source states a valid Pixel Spacing
-    or Imager Pixel Spacing, the SEG also has shared Pixel Measures (that
-    spacing) and Plane Orientation ``1\\0\\0\\0\\1\\0`` (the identity of the
-    pixel grid), which OHIF needs to draw it; why, and the PS3.3 text, in
-    :func:`pipelines.common.seg_geometry.add_pixel_grid_geometry`. Without a
-    valid spacing (RG1_UNCR's ``0\\0``, reported as a repair) neither is
-    written.
+    by the Derivation Image functional group (PS3.3 A.51.5.1). Without a
+    Frame of Reference (a projection radiograph) the SEG carries the
+    source's Patient Orientation (Type 2C) and, where the source has a valid
+    (Imager) Pixel Spacing, shared Pixel Measures and Plane Orientation
+    ``1\\0\\0\\0\\1\\0``, which OHIF needs to draw it
+    (:func:`pipelines.common.seg_geometry.add_pixel_grid_geometry`).
 
     Parameters
     ----------
@@ -170,16 +170,13 @@ def write_seg(
         source: ``True`` where the Grad-CAM map is above the pipeline's
         threshold. May be all ``False`` (no attention region): the SEG then
         holds one empty frame.
-    algorithm:
-        The model (name, version) that produced the map.
-    context:
-        ``uid_prefix`` roots the UIDs; ``manufacturer`` is written to
-        Manufacturer (0008,0070).
+    algorithm, context:
+        The model that produced the map; ``uid_prefix`` roots the UIDs,
+        ``manufacturer`` is Manufacturer (0008,0070).
     omit_empty_frames:
-        Passed to highdicom. ``False`` (default, see docs/architecture.md):
-        every frame is written. With one frame this only matters for an
-        empty mask, and highdicom then keeps the frame anyway (a SEG needs
-        at least one).
+        Passed to highdicom (default ``False``, docs/architecture.md). With
+        one frame it matters only for an empty mask, whose frame highdicom
+        keeps anyway (a SEG needs at least one).
     series_number:
         Series Number (0020,0011) of the SEG series.
 
@@ -204,55 +201,36 @@ def write_seg(
 
     proxy, repairs = sanitize_source(source)
     uids = derived_uids([proxy], pipeline=PIPELINE, algorithm=algorithm, kind="SEG", prefix=context.uid_prefix)
-
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=ATTENTION_CATEGORY,
-        segmented_property_type=ATTENTION_TYPE,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm.segmentation_identification(),
-        # Tracking UID/ID identify this region for any later report (PS3.3 C.8.20.2).
-        tracking_uid=derived_uid(context.uid_prefix, "tracking", str(uids.sop_instance_uid), "1"),
-        tracking_id=SEGMENT_LABEL,
-        display_color=_DISPLAY_COLOR,
-    )
-    # Segment Description (0062,0006), ST: room for the whole story.
-    segment.SegmentDescription = (
-        f"Grad-CAM attention of {algorithm.label} (pipeline {PIPELINE}): the image region that most "
-        f"drove the pneumonia score. It is not an outline of pneumonia. {NOT_FOR_DIAGNOSTIC_USE}."
-    )
-
-    seg = hd.seg.Segmentation(
-        source_images=[segmentation_source(proxy)],
-        pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=uids.series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        device_serial_number=str(device_uid(algorithm, context.uid_prefix)),
-        omit_empty_frames=omit_empty_frames,
-        content_label=CONTENT_LABEL,
-        content_description=fit_long_string(
-            [
-                f"Grad-CAM of {algorithm.label} - {NOT_FOR_DIAGNOSTIC_USE}",
-                f"{algorithm.label} - {NOT_FOR_DIAGNOSTIC_USE}",
-                f"Grad-CAM {algorithm.version} - {NOT_FOR_DIAGNOSTIC_USE}",
-            ],
-            "ContentDescription",
-        ),
-        series_description=series_description(PIPELINE, algorithm, "SEG"),
+    segment = _attention_segment(algorithm, context, str(uids.sop_instance_uid))
+    seg = binary_segmentation(
+        [segmentation_source(proxy)], mask, [segment], uids=uids, pipeline=PIPELINE, algorithm=algorithm,
+        context=context, series_number=series_number, omit_empty_frames=omit_empty_frames, content_label=CONTENT_LABEL,
+        content_descriptions=[f"Grad-CAM of {algorithm.label}", algorithm.label, f"Grad-CAM {algorithm.version}"],
     )
     add_patient_orientation(seg, proxy)
     if "FrameOfReferenceUID" not in seg:
         add_pixel_grid_geometry(seg, proxy)
     ensure_valid_values(seg, "SEG")
     return seg, repairs
+
+
+def _attention_segment(
+    algorithm: AlgorithmDescription, context: PipelineContext, sop_instance_uid: str
+) -> hd.seg.SegmentDescription:
+    return segment_description(
+        number=1,
+        label=SEGMENT_LABEL,
+        category=ATTENTION_CATEGORY,
+        property_type=ATTENTION_TYPE,
+        description=(
+            f"Grad-CAM attention of {algorithm.label} (pipeline {PIPELINE}): the image region that most "
+            f"drove the pneumonia score. It is not an outline of pneumonia. {NOT_FOR_DIAGNOSTIC_USE}."
+        ),
+        algorithm=algorithm,
+        context=context,
+        sop_instance_uid=sop_instance_uid,
+        display_color=_DISPLAY_COLOR,
+    )
 
 
 def write_sr(
@@ -273,37 +251,17 @@ def write_sr(
     - TID 1001 observation context: a Device observer (TID 1004) named after
       the model, with the node's Manufacturer and a UID per model version;
     - TID 1600 image library naming the source image;
-    - one TID 1410 Planar ROI group:
-
-      - Image Region: a closed SCOORD POLYLINE on the source image (the SCOORD
-        is SELECTED FROM the source: this is the SR's reference to it),
-        geometric purpose DCM "Outline". With attention pixels in ``mask``
-        it outlines the largest 4-connected region, holes filled
-        (:func:`pipelines.common.outline.region_outline`), finding category
-        SCT "Spatial and Relational Concept", finding DCM "Gradient-weighted
-        class activation", Tracking Identifier :data:`SEGMENT_LABEL` (with
-        "largest of n regions" when there are several; the SEG holds them
-        all). With an empty ``mask`` it outlines the whole image, Tracking
-        Identifier :data:`WHOLE_IMAGE_LABEL`, no finding: the probability is
-        then plainly an image-level result. The probability is the model's
-        output for the whole image in both cases; the outline shows where the
-        model looked.
-      - measurements (TID 1419) DCM "Probability" = ``probability`` and DCM
-        "Threshold Value" = ``threshold``, unit UCUM ``{probability}``;
-      - qualitative evaluation Pneumonia = SCT "Present" if
-        ``probability >= threshold`` else SCT "Absent";
-      - finding site SCT "Lung" and the model in TID 4019 Algorithm
-        Identification.
+    - one TID 1410 Planar ROI group (:func:`_attention_region`): the outline
+      of the attention region on the source image (the whole image when
+      ``mask`` is empty), the probability and threshold, Pneumonia Present
+      or Absent, finding site Lung, the model in TID 4019.
 
     There is no group without coordinates (OHIF 3.13.2 crashes on one,
     OHIF/Viewers #3390) and no reference to the SEG: TID 1410 takes either an
     Image Region or a Referenced Segmentation Frame, not both. The SEG is
     therefore not in the evidence either: Current Requested Procedure
     Evidence lists what the content references (PS3.3 C.17.2.3), here the
-    source image.
-
-    The report is COMPLETE, UNVERIFIED and PRELIMINARY: a machine's result
-    for a radiologist to review.
+    source image. The report is COMPLETE, UNVERIFIED and PRELIMINARY.
 
     Parameters
     ----------
@@ -313,11 +271,9 @@ def write_sr(
         The same ``bool`` array ``(Rows, Columns)`` that :func:`write_seg`
         was given: ``True`` where the Grad-CAM map is above the pipeline's
         threshold; may be all ``False``.
-    probability:
-        The model's pneumonia probability in [0, 1] (dimensionless).
-    threshold:
-        Operating point in [0, 1] at or above which Pneumonia is reported
-        present.
+    probability, threshold:
+        The model's pneumonia probability in [0, 1] (dimensionless), and the
+        operating point at or above which Pneumonia is reported present.
     algorithm, context:
         As for :func:`write_seg`.
     series_number:
@@ -345,7 +301,49 @@ def write_sr(
     proxy, repairs = sanitize_source(source)
     prefix = context.uid_prefix
     uids = derived_uids([proxy], pipeline=PIPELINE, algorithm=algorithm, kind="SR", prefix=prefix)
+    report = measurement_report(
+        device_observation_context(algorithm, manufacturer=context.manufacturer, prefix=prefix),
+        PROCEDURE,
+        [_attention_region(proxy, mask, probability, threshold, algorithm, prefix, str(uids.sop_instance_uid))],
+        image_library([proxy]),
+    )
+    sr = comprehensive_sr(
+        [proxy], report, uids=uids, pipeline=PIPELINE, algorithm=algorithm, context=context, series_number=series_number
+    )
+    return sr, repairs
 
+
+def _attention_region(
+    proxy: Dataset,
+    mask: np.ndarray,
+    probability: float,
+    threshold: float,
+    algorithm: AlgorithmDescription,
+    prefix: str | None,
+    sr_instance_uid: str,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The SR's one TID 1410 Planar ROI group:
+
+    - Image Region: a closed SCOORD POLYLINE on the source image (the SCOORD
+      is SELECTED FROM the source: this is the SR's reference to it),
+      geometric purpose DCM "Outline". With attention pixels in ``mask``
+      it outlines the largest 4-connected region, holes filled
+      (:func:`pipelines.common.outline.region_outline`), finding category
+      SCT "Spatial and Relational Concept", finding DCM "Gradient-weighted
+      class activation", Tracking Identifier :data:`SEGMENT_LABEL` (with
+      "largest of n regions" when there are several; the SEG holds them
+      all). With an empty ``mask`` it outlines the whole image, Tracking
+      Identifier :data:`WHOLE_IMAGE_LABEL`, no finding: the probability is
+      then plainly an image-level result. The probability is the model's
+      output for the whole image in both cases; the outline shows where the
+      model looked.
+    - measurements (TID 1419) DCM "Probability" = ``probability`` and DCM
+      "Threshold Value" = ``threshold``, unit UCUM ``{probability}``;
+    - qualitative evaluation Pneumonia = SCT "Present" if
+      ``probability >= threshold`` else SCT "Absent";
+    - finding site SCT "Lung" and the model in TID 4019 Algorithm
+      Identification.
+    """
     if mask.any():
         outline, regions = region_outline(mask, tolerance=_OUTLINE_TOLERANCE)
         label = SEGMENT_LABEL if regions == 1 else f"{SEGMENT_LABEL}, largest of {regions} regions"
@@ -354,9 +352,9 @@ def write_sr(
         outline = image_outline(int(proxy.Rows), int(proxy.Columns))
         label, finding = WHOLE_IMAGE_LABEL, {}
 
-    region = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(prefix, "tracking", str(uids.sop_instance_uid), "region"),
+            uid=derived_uid(prefix, "tracking", sr_instance_uid, "region"),
             identifier=label,
         ),
         referenced_region=hd.sr.ImageRegion(
@@ -376,33 +374,6 @@ def write_sr(
         ],
         **finding,
     )
-
-    report = hd.sr.MeasurementReport(
-        observation_context=device_observation_context(algorithm, manufacturer=context.manufacturer, prefix=prefix),
-        procedure_reported=PROCEDURE,
-        imaging_measurements=[region],
-        title=codes.cid7021.ImagingMeasurementReport,
-    )
-    insert_image_library(report, image_library([proxy]))
-
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[proxy],
-        content=report[0],
-        series_instance_uid=uids.series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=series_description(PIPELINE, algorithm, "SR"),
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        device_serial_number=str(device_uid(algorithm, prefix)),
-    )
-    ensure_valid_values(sr, "SR")
-    return sr, repairs
 
 
 def _check_source(source: Dataset) -> None:
