@@ -44,6 +44,7 @@ from monai.transforms import Spacing, SpatialResample
 
 from models.card import ArrayAxes, ModelCard, SegmentationSpec, VolumeInputSpec
 from models.registry import ModelRegistry
+from pipelines.common.device import torch_device
 
 __all__ = [
     "BrainTumourModel",
@@ -216,12 +217,7 @@ class BrainTumourModel:
     """
 
     def __init__(self, registry: ModelRegistry, name: str, device: str = "cpu") -> None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {device!r} is not a torch device: {exc}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        dev = torch_device(device)
         card = registry.card(name)
         if card.task != "segmentation" or card.volume_input is None or card.segmentation is None:
             raise ValueError(f"model {name!r}: task is {card.task!r}, expected 'segmentation'")

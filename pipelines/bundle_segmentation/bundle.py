@@ -52,6 +52,7 @@ from monai.transforms import Compose, LoadImaged, SaveImage, SaveImaged
 
 from models.card import BundleOutputSpec, ModelCard
 from models.registry import ModelRegistry
+from pipelines.common.device import torch_device
 from pipelines.common.resample import LPS_TO_RAS, affine_lps
 from pipelines.common.volume import SeriesVolume
 
@@ -146,12 +147,7 @@ class BundleModel:
     def __init__(self, registry: ModelRegistry, name: str, device: str = "cpu") -> None:
         from monai.bundle import ConfigParser
 
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {device!r} is not a torch device: {exc}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        dev = torch_device(device)
         card = registry.card(name)
         if card.task != "bundle_segmentation" or card.bundle_output is None:
             raise ValueError(f"model {name!r}: task is {card.task!r}, expected 'bundle_segmentation'")

@@ -26,6 +26,7 @@ from pydicom import Dataset
 from models.card import ModelCard
 from models.densenet import op_norm
 from models.registry import ModelRegistry
+from pipelines.common.device import torch_device
 from pipelines.pneumonia.preprocess import (
     CxrPreprocessor,
     Geometry,
@@ -104,12 +105,7 @@ class PneumoniaModel:
     """
 
     def __init__(self, registry: ModelRegistry, name: str, device: str = "cpu") -> None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {device!r} is not a torch device: {exc}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        dev = torch_device(device)
         card = registry.card(name)
         if card.task != "classification":
             raise ValueError(f"model {name!r}: task is {card.task!r}, expected 'classification'")
