@@ -224,34 +224,16 @@ class Runner:
             note = describe(warnings, GuardAction.WARN) if warnings else None
             self.index.finish_job(job.id, stored, json.dumps(timings), note=note)
         except OutOfScope as exc:
-            timings["total"] = time.perf_counter() - started
-            log.warning("job_out_of_scope", reason=str(exc), timings=timings)
-            self.index.fail_job(job.id, str(exc), None, json.dumps(timings), state=JobState.OUT_OF_SCOPE)
-            self._count(job, JobState.OUT_OF_SCOPE, timings)
-            self.notifier.job(job, JobState.OUT_OF_SCOPE, str(exc))
-            return JobState.OUT_OF_SCOPE
+            return self._end_without_result(job, JobState.OUT_OF_SCOPE, str(exc), timings, started, log.warning)
         except PipelineNotApplicable as exc:
-            timings["total"] = time.perf_counter() - started
-            log.info("job_not_applicable", reason=str(exc), timings=timings)
-            self.index.fail_job(job.id, str(exc), None, json.dumps(timings), state=JobState.NOT_APPLICABLE)
-            self._count(job, JobState.NOT_APPLICABLE, timings)
-            self.notifier.job(job, JobState.NOT_APPLICABLE, str(exc))
-            return JobState.NOT_APPLICABLE
+            return self._end_without_result(job, JobState.NOT_APPLICABLE, str(exc), timings, started, log.info)
         except PipelineInputError as exc:
-            timings["total"] = time.perf_counter() - started
-            log.warning("job_failed", reason=str(exc), timings=timings)
-            self.index.fail_job(job.id, str(exc), None, json.dumps(timings))
-            self._count(job, JobState.FAILED, timings)
-            self.notifier.job(job, JobState.FAILED, str(exc))
-            return JobState.FAILED
+            return self._end_without_result(job, JobState.FAILED, str(exc), timings, started, log.warning)
         except Exception as exc:
-            timings["total"] = time.perf_counter() - started
             tb = traceback.format_exc()
-            log.error("job_failed", reason=repr(exc), traceback=tb, timings=timings)
-            self.index.fail_job(job.id, f"{type(exc).__name__}: {exc}", tb, json.dumps(timings))
-            self._count(job, JobState.FAILED, timings)
-            self.notifier.job(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
-            return JobState.FAILED
+            return self._end_without_result(
+                job, JobState.FAILED, f"{type(exc).__name__}: {exc}", timings, started, log.error, tb, repr(exc)
+            )
         log.info(
             "job_done",
             results=[f"{ds.Modality} {ds.SOPInstanceUID} -> {','.join(dests)}" for ds, _, dests in stored],
@@ -263,6 +245,21 @@ class Runner:
             self.on_results()
         self.notifier.job(job, JobState.DONE, results=len(stored))
         return JobState.DONE
+
+    def _end_without_result(
+        self, job: JobView, state: JobState, reason: str, timings: dict[str, float], started: float,
+        log_at, tb: str | None = None, log_reason: str | None = None,
+    ) -> JobState:
+        """Close a job that produced nothing: log it (with its traceback, for
+        our own errors), record ``state`` and ``reason``, count it and notify."""
+        timings["total"] = time.perf_counter() - started
+        event = {JobState.OUT_OF_SCOPE: "job_out_of_scope", JobState.NOT_APPLICABLE: "job_not_applicable"}
+        extra = {"traceback": tb} if tb else {}
+        log_at(event.get(state, "job_failed"), reason=log_reason or reason, timings=timings, **extra)
+        self.index.fail_job(job.id, reason, tb, json.dumps(timings), state=state)
+        self._count(job, state, timings)
+        self.notifier.job(job, state, reason)
+        return state
 
     def check_intended_use(self, job: JobView, pipeline: Pipeline, study: Study, log) -> list[Decision]:
         """Judge ``study`` against the pipeline's model card (:mod:`node.guard`),
