@@ -8,6 +8,8 @@ and intended use, the training data and the metrics measured on held-out data.
 ``intended_use_rules`` (:class:`IntendedUseRule`) state the intended use as
 rules over the input's DICOM attributes, in the routing rule language; the
 node checks them before a job runs (:mod:`node.guard`).
+``drift_reference`` (:class:`models.drift_reference.DriftReference`) is the
+distribution of the input features the node watches for drift (:mod:`node.drift`).
 
 Classification cards (radiographs) describe their input with :class:`InputSpec`
 and their outputs with :class:`OutputSpec`. Segmentation cards (multi-sequence
@@ -37,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.drift_reference import DriftReference
 from models.intended_use import IntendedUseRule
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -480,6 +483,9 @@ class ModelCard(_Strict):
     training: TrainingRun | None = None
     metrics: list[Metric] = Field(default_factory=list)
     references: list[str] = Field(default_factory=list)
+    drift_reference: DriftReference | None = Field(
+        None, description="Input-drift reference (models.drift_reference); the node compares recent inputs with it."
+    )
 
     @model_validator(mode="after")
     def _task_fields(self) -> ModelCard:

@@ -28,6 +28,13 @@ intended-use rule an input of a job fell outside (:mod:`node.guard`), with
 the configured action, ``warn`` or ``refuse``; rule names come from the
 model cards.
 
+Input drift (:mod:`node.drift`), per pipeline and model version (its
+card's name and version, from the configuration):
+``ainode_input_drift{pipeline,model_version,feature,statistic}`` (``psi``
+for a categorical feature, ``ks`` for a numerical one; set once the window
+holds ``[drift] min_count`` jobs), ``ainode_input_drift_alert{...,feature}``
+(1 above the feature's threshold) and ``ainode_input_drift_window_jobs``.
+
 Scrape-time values (:meth:`Metrics.watch`): pending deliveries per
 destination (``ainode_outbox_pending``) and free bytes in the spool's file
 system (``ainode_spool_free_bytes``), read when Prometheus scrapes, so they
@@ -99,10 +106,37 @@ class Metrics:
             "ainode_job_seconds", "Job wall time", ["pipeline"], registry=r,
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
         )
+        self.jobs_published = Counter(
+            "ainode_jobs_published", "Job messages published to a Celery queue ([worker] backend = celery)", ["queue"],
+            registry=r,
+        )
+        self.messages_dropped = Counter(
+            "ainode_worker_messages_dropped", "Celery messages for jobs not queued (done, or held by another worker)",
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "ainode_worker_claim_seconds", "Time to claim a job row", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.jobs_requeued_stale = Counter(
+            "ainode_jobs_requeued_stale", "Running jobs taken back from a worker whose heartbeat went stale", registry=r
+        )
         self.intended_use = Counter(
             "ainode_intended_use_decisions",
             "Inputs outside a model card's intended-use rule, by pipeline, rule and action (warn, refuse)",
             ["pipeline", "rule", "action"], registry=r,
+        )
+        # Input drift (node.drift): per model and feature, over the sliding window of its last jobs.
+        self.input_drift = Gauge(
+            "ainode_input_drift", "Input drift of a feature against the model card's reference (PSI or KS statistic)",
+            ["pipeline", "model_version", "feature", "statistic"], registry=r,
+        )
+        self.input_drift_alert = Gauge(
+            "ainode_input_drift_alert", "1 when a feature's drift statistic is above its [drift] threshold, else 0",
+            ["pipeline", "model_version", "feature"], registry=r,
+        )
+        self.input_drift_jobs = Gauge(
+            "ainode_input_drift_window_jobs", "Jobs in a model's input-drift window", ["pipeline", "model_version"], registry=r,
         )
         self.deliveries = Counter(
             "ainode_delivery_attempts", "Delivery attempts, by destination and outcome", ["destination", "outcome"], registry=r

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from node.index import utcnow
+from node.queue import CeleryQueue
 
 if TYPE_CHECKING:
     from node.api.deps import NodeLike as Node  # node.service.Node, as the API sees it
@@ -134,7 +135,9 @@ def readiness(node: Node) -> dict[str, dict[str, Any]]:
     """Each readiness check of ``node`` -> ``{"ok": bool, "detail": str}``:
     ``index`` answers, ``spool`` is writable, ``disk`` is above ``[storage]
     min_free_mb``/``min_free_percent``, ``workers`` (job threads),
-    ``dispatchers`` (one thread per destination), ``scheduler`` runs, ``scp``
+    ``dispatchers`` (one thread per destination); with ``[worker] backend
+    = "celery"`` ``workers`` says whether a live worker consumes each routed
+    queue (``queues`` lists them), ``scheduler`` runs, ``scp``
     listens."""
     checks: dict[str, dict[str, Any]] = {}
 
@@ -154,8 +157,17 @@ def readiness(node: Node) -> dict[str, dict[str, Any]]:
     free = node.ingest.free_space
     ok = free.ok()
     put("disk", ok, "enough free space" if ok else f"too little free disk: {free.reason}")
-    for name, (alive, expected) in (("workers", node.runner.alive()), ("dispatchers", node.dispatcher.alive())):
-        put(name, alive == expected, f"{alive} of {expected} threads alive")
+    if isinstance(node.queue, CeleryQueue):  # workers are other processes: is every routed queue served?
+        unserved = node.queue.unserved()
+        put("workers", not unserved and node.queue.alive(),
+            f"no live worker consumes {', '.join(unserved)}; their jobs stay queued" if unserved
+            else "every routed queue has a live worker" if node.queue.alive() else "the publisher thread is not running")
+        put("queues", True, f"routed: {', '.join(sorted(node.queue.needed_queues())) or 'none'}")
+    else:
+        alive, expected = node.runner.alive()
+        put("workers", alive == expected, f"{alive} of {expected} threads alive")
+    alive, expected = node.dispatcher.alive()
+    put("dispatchers", alive == expected, f"{alive} of {expected} threads alive")
     put("scheduler", node.scheduler.running, "running" if node.scheduler.running else "not running")
     listening = node.receiver._server is not None
     put("scp", listening, "listening" if listening else "not listening")

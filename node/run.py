@@ -25,10 +25,13 @@ poll for queued jobs at least once a second, so a running node picks them up.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import Protocol
 
 import pydicom
 import structlog
@@ -36,9 +39,10 @@ import structlog
 from node.config import NodeConfig
 from node.config.guard import GuardAction, GuardSettings
 from node.guard import Decision, OutOfScope, describe, evaluate, pipeline_card
-from node.index import Index, JobState, JobView, utcnow
+from node.index import ClaimLost, Index, JobState, JobView, utcnow
 from node.metrics import Metrics, since
 from node.notify import Notifier
+from node.queue import EmbeddedQueue, JobQueue
 from node.spool import Spool
 from pipelines.base import Pipeline, PipelineContext, PipelineInputError, PipelineNotApplicable, Study
 from pipelines.common.seg_frames import omit_empty_frames
@@ -104,8 +108,87 @@ def load_study(index: Index, job: JobView) -> Study:
     return Study(study_instance_uid=job.study_uid, series=series, roles=dict(job.roles))
 
 
+class TransientJobError(Exception):
+    """The index or the node could not be reached while running a job (a
+    Celery worker fetching its input or handing back its results): the job
+    is to be tried again, never failed for it."""
+
+
+class StudySource(Protocol):
+    """Where a job's input comes from: the spool here, or the node over
+    WADO-RS (:mod:`node.worker.io`)."""
+
+    def load(self, job: JobView) -> Study:
+        """The job's series, pixel data included. Raises
+        :class:`~pipelines.base.PipelineInputError` or :class:`TransientJobError`."""
+        ...
+
+
+class ResultSink(Protocol):
+    """Where a job's results go: the outbox here (:class:`OutboxSink`), or
+    back to the node over STOW-RS (:mod:`node.worker.io`)."""
+
+    def deliver(self, job: JobView, results: list, timings: dict[str, float], note: str | None, worker_id: str | None) -> int:
+        """Record ``results`` and mark the job done; returns how many objects
+        were queued for delivery. Raises :class:`node.index.ClaimLost` or
+        :class:`TransientJobError`."""
+        ...
+
+
+class SpoolSource:
+    """Input read from the spool paths in the index (:func:`load_study`)."""
+
+    def __init__(self, index: Index):
+        self.index = index
+
+    def load(self, job: JobView) -> Study:
+        return load_study(self.index, job)
+
+
+class OutboxSink:
+    """Results written durably to the outbox, then the job marked done with
+    one delivery per result and destination, in one transaction."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, queue: JobQueue):
+        self.config = config
+        self.spool = spool
+        self.queue = queue
+
+    def deliver(self, job: JobView, results: list, timings: dict[str, float], note: str | None, worker_id: str | None) -> int:
+        t = time.perf_counter()
+        stored = self.store(results, job.destinations)
+        timings["write_outbox"] = time.perf_counter() - t
+        self.queue.complete(job.id, stored, json.dumps(timings), note, worker_id)
+        return len(stored)
+
+    def store(self, results, destinations: tuple[str, ...]) -> list[tuple]:
+        """Write results to the outbox and say where each goes: a SEG goes in
+        full to most destinations, and without its empty frames to those with
+        ``omit_empty_frames`` (see :mod:`pipelines.common.seg_frames`)."""
+        known = self.config.destinations
+        compact = [d for d in destinations if d in known and known[d].omit_empty_frames]
+        full = [d for d in destinations if d not in compact]
+        stored = []
+        for ds in results:
+            path = self.spool.store_result(ds)
+            variant = omit_empty_frames(ds) if compact and ds.Modality == "SEG" else None
+            if variant is None:
+                stored.append((ds, path, destinations))
+            else:
+                stored.append((ds, path, tuple(full)))
+                stored.append((variant, self.spool.store_result(variant, "compact"), tuple(compact)))
+        return stored
+
+
+def default_worker_id() -> str:
+    """``<host>:<pid>``: unique among live processes, readable in logs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Runner:
-    """Worker threads that run queued jobs.
+    """Runs claimed jobs: in worker threads of the node (embedded), or one at
+    a time for a Celery worker (:mod:`node.worker`), which calls
+    :meth:`run_job` itself.
 
     Parameters
     ----------
@@ -117,6 +200,14 @@ class Runner:
         Called after a job queued deliveries, so dispatch wakes at once.
     notifier:
         The node's :class:`node.notify.Notifier` (``job.*`` events); None: none.
+    queue:
+        Claims and outcomes (:class:`node.queue.JobQueue`); None: an
+        :class:`~node.queue.EmbeddedQueue` on ``index``.
+    source, sink:
+        Where input comes from and results go; None: the spool
+        (:class:`SpoolSource`) and the outbox (:class:`OutboxSink`).
+    worker_id:
+        Recorded on each claimed job; None: ``<host>:<pid>``.
     """
 
     def __init__(
@@ -128,6 +219,10 @@ class Runner:
         metrics: Metrics | None = None,
         on_results: Callable[[], None] | None = None,
         notifier: Notifier | None = None,
+        queue: JobQueue | None = None,
+        source: StudySource | None = None,
+        sink: ResultSink | None = None,
+        worker_id: str | None = None,
     ):
         self.config = config
         self.index = index
@@ -135,37 +230,47 @@ class Runner:
         self.metrics = metrics if metrics is not None else Metrics()
         self.on_results = on_results
         self.notifier = notifier or Notifier()
+        self.queue = queue if queue is not None else EmbeddedQueue(index)
+        self.source = source or SpoolSource(index)
+        self.sink = sink or OutboxSink(config, spool, self.queue)
+        self.worker_id = worker_id or default_worker_id()
         self.pipelines = PipelineCache(config)
         self.log = structlog.get_logger("node.run")
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def wake(self) -> None:
-        self._wake.set()
+        self.queue.enqueue()
 
-    def warm_up(self, names: list[str]) -> None:
+    def warm_up(self, names: list[str]) -> dict[str, str]:
         """Load these pipelines (and their models) now, so the first job does
         not pay for it. A pipeline that cannot load is logged; its jobs will
-        fail with the same reason."""
+        fail with the same reason. Returns pipeline -> model version of
+        those that loaded."""
+        loaded = {}
         for name in names:
             t = time.perf_counter()
             try:
-                self.pipelines.get(name)
+                loaded[name] = str(self.pipelines.get(name).model_version)
             except Exception as exc:
                 self.log.error("pipeline_unavailable", pipeline=name, error=f"{type(exc).__name__}: {exc}")
                 continue
             self.log.info("pipeline_ready", pipeline=name, seconds=round(time.perf_counter() - t, 3))
+        return loaded
 
     def start(self) -> None:
-        if self.config.worker.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.config.worker.torch_threads)
+        """Start ``[worker] concurrency`` threads claiming from an embedded queue."""
+        self.set_torch_threads()
         for i in range(self.config.worker.concurrency):
             t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def set_torch_threads(self) -> None:
+        if self.config.worker.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.config.worker.torch_threads)
 
     def alive(self) -> tuple[int, int]:
         """(worker threads alive, ``[worker] concurrency``)."""
@@ -173,56 +278,51 @@ class Runner:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self.queue.enqueue()
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
 
     def _loop(self) -> None:
+        worker_id = f"{self.worker_id}/{threading.current_thread().name}"
+        assert isinstance(self.queue, EmbeddedQueue)
         while not self._stop.is_set():
             try:
-                job = self.index.claim_job()
+                job = self.queue.claim(worker_id)
             except Exception:
                 self.log.exception("claim_failed")
                 job = None
             if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                self.queue.wait(1.0)
                 continue
             self.run_job(job)
 
-    def run_job(self, job: JobView) -> JobState:
+    def run_job(self, job: JobView) -> JobState | None:
         """Run one claimed job to ``done``, ``failed``, ``not_applicable``
         (:class:`pipelines.base.PipelineNotApplicable`: no result, no
         traceback, counted apart from failures) or ``out_of_scope``
-        (refused by the intended-use guard); returns the state."""
+        (refused by the intended-use guard); returns the state, or None when
+        the job turned out no longer to be this worker's
+        (:class:`node.index.ClaimLost`: its results are dropped).
+
+        Raises
+        ------
+        TransientJobError
+            The input or the results could not be moved (node or index
+            unreachable): the caller retries; the job is not failed.
+        """
         log = self.log.bind(job_id=job.id, pipeline=job.pipeline, study_uid=job.study_uid, series_uid=job.series_uid)
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        log.info("job_started", attempt=job.attempts)
+        log.info("job_started", attempt=job.attempts, worker_id=job.worker_id)
         self._observe(self.metrics.latency_job_start, job)
         try:
-            t = time.perf_counter()
-            pipeline = self.pipelines.get(job.pipeline)
-            timings["load_pipeline"] = time.perf_counter() - t
-            t = time.perf_counter()
-            study = load_study(self.index, job)
-            timings["read_spool"] = time.perf_counter() - t
-            warnings = self.check_intended_use(job, pipeline, study, log)
-            context = PipelineContext(
-                uid_prefix=self.config.node.uid_prefix,
-                device=resolve_device(self.config.worker.device),
-                log=log,
-                timings=timings,
-                intended_use_warnings=tuple(str(d) for d in warnings),
-            )
-            results = pipeline.run(study, context)
-            t = time.perf_counter()
-            stored = self.store_results(results, job.destinations)
-            timings["write_outbox"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - started
-            note = describe(warnings, GuardAction.WARN) if warnings else None
-            self.index.finish_job(job.id, stored, json.dumps(timings), note=note)
+            stored = self._execute(job, timings, started, log)
+        except ClaimLost as exc:
+            log.warning("job_claim_lost", reason=str(exc))
+            return None
+        except TransientJobError:
+            raise
         except OutOfScope as exc:
             return self._end_without_result(job, JobState.OUT_OF_SCOPE, str(exc), timings, started, log.warning)
         except PipelineNotApplicable as exc:
@@ -234,29 +334,52 @@ class Runner:
             return self._end_without_result(
                 job, JobState.FAILED, f"{type(exc).__name__}: {exc}", timings, started, log.error, tb, repr(exc)
             )
-        log.info(
-            "job_done",
-            results=[f"{ds.Modality} {ds.SOPInstanceUID} -> {','.join(dests)}" for ds, _, dests in stored],
-            destinations=list(job.destinations),
-            timings={k: round(v, 3) for k, v in timings.items()},
-        )
+        log.info("job_done", results=stored, destinations=list(job.destinations),
+                 timings={k: round(v, 3) for k, v in timings.items()})
         self._count(job, JobState.DONE, timings)
         if self.on_results:
             self.on_results()
-        self.notifier.job(job, JobState.DONE, results=len(stored))
+        self.notifier.job(job, JobState.DONE, results=stored)
         return JobState.DONE
+
+    def _execute(self, job: JobView, timings: dict[str, float], started: float, log) -> int:
+        """Load, guard, run and hand over one job; returns how many objects
+        the sink queued. Raises what :meth:`run_job` sorts into outcomes."""
+        t = time.perf_counter()
+        pipeline = self.pipelines.get(job.pipeline)
+        timings["load_pipeline"] = time.perf_counter() - t
+        t = time.perf_counter()
+        study = self.source.load(job)
+        timings["read_input"] = time.perf_counter() - t
+        warnings = self.check_intended_use(job, pipeline, study, log)
+        context = PipelineContext(
+            uid_prefix=self.config.node.uid_prefix,
+            device=resolve_device(self.config.worker.device),
+            precision=str(self.config.worker.precision),
+            log=log,
+            timings=timings,
+            intended_use_warnings=tuple(str(d) for d in warnings),
+        )
+        results = pipeline.run(study, context)
+        note = describe(warnings, GuardAction.WARN) if warnings else None
+        timings["total"] = time.perf_counter() - started
+        return self.sink.deliver(job, results, timings, note, job.worker_id)
 
     def _end_without_result(
         self, job: JobView, state: JobState, reason: str, timings: dict[str, float], started: float,
         log_at, tb: str | None = None, log_reason: str | None = None,
-    ) -> JobState:
+    ) -> JobState | None:
         """Close a job that produced nothing: log it (with its traceback, for
         our own errors), record ``state`` and ``reason``, count it and notify."""
         timings["total"] = time.perf_counter() - started
         event = {JobState.OUT_OF_SCOPE: "job_out_of_scope", JobState.NOT_APPLICABLE: "job_not_applicable"}
         extra = {"traceback": tb} if tb else {}
         log_at(event.get(state, "job_failed"), reason=log_reason or reason, timings=timings, **extra)
-        self.index.fail_job(job.id, reason, tb, json.dumps(timings), state=state)
+        try:
+            self.queue.fail(job.id, reason, tb, json.dumps(timings), state, job.worker_id)
+        except ClaimLost as exc:
+            self.log.warning("job_claim_lost", job_id=job.id, reason=str(exc))
+            return None
         self._count(job, state, timings)
         self.notifier.job(job, state, reason)
         return state
@@ -286,22 +409,8 @@ class Runner:
         return decisions
 
     def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
-        """Write results to the outbox and say where each goes: a SEG goes in
-        full to most destinations, and without its empty frames to those with
-        ``omit_empty_frames`` (see :mod:`pipelines.common.seg_frames`)."""
-        known = self.config.destinations
-        compact = [d for d in destinations if d in known and known[d].omit_empty_frames]
-        full = [d for d in destinations if d not in compact]
-        stored = []
-        for ds in results:
-            path = self.spool.store_result(ds)
-            variant = omit_empty_frames(ds) if compact and ds.Modality == "SEG" else None
-            if variant is None:
-                stored.append((ds, path, destinations))
-            else:
-                stored.append((ds, path, tuple(full)))
-                stored.append((variant, self.spool.store_result(variant, "compact"), tuple(compact)))
-        return stored
+        """:meth:`OutboxSink.store` on this node's outbox (the job-results endpoint)."""
+        return OutboxSink(self.config, self.spool, self.queue).store(results, destinations)
 
     def _count(self, job: JobView, state: JobState, timings: dict[str, float]) -> None:
         self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()

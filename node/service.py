@@ -8,7 +8,8 @@ what a previous process left on disk, and starts the threads:
   once after each association release);
 - the retention clean-up (apscheduler, at start-up and every
   ``[retention] interval_minutes``; :mod:`node.retention`);
-- the job workers;
+- the job workers, or with ``[worker] backend = "celery"`` the publisher
+  and stale-job sweep that feed ``ainode worker`` processes (:mod:`node.queue`);
 - one dispatch thread per destination of results;
 - one notification thread per webhook destination (:mod:`node.notify`);
 - the HTTP API.
@@ -35,6 +36,7 @@ from node.index import AssemblyState, Index, InstanceRecord, SeriesState
 from node.ingest import Ingest, Status
 from node.monitor import DestinationMonitor
 from node.notify import Notifier
+from node.queue import CeleryQueue, make_queue
 from node.receive import Receiver
 from node.retention import Retention
 from node.route import Router
@@ -51,15 +53,18 @@ class Node:
         st = config.storage
         self.metrics = Metrics()
         self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
-        self.index = Index(st.index_url)
+        self.index = Index(st.engine_url())
         audit_config_loaded(self.index, config)  # [audit] syslog first, so it carries every event
         self._declare_metrics()
         self.notifier = Notifier(config)  # events to the webhook destinations (node.notify)
         self.dispatcher = Dispatcher(config, self.index, metrics=self.metrics, notifier=self.notifier)
+        # [worker] backend: the node's own threads, or Celery workers elsewhere (node.queue).
+        self.queue = make_queue(config, self.index, self.metrics)
         self.runner = Runner(
-            config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake, notifier=self.notifier
+            config, self.index, self.spool, metrics=self.metrics, on_results=self.dispatcher.wake, notifier=self.notifier,
+            queue=self.queue,
         )
-        self.router = Router(config.routes, self.index, on_queued=self.runner.wake, sequences=config.sequences)
+        self.router = Router(config.routes, self.index, on_queued=self.queue.enqueue, sequences=config.sequences)
         self.sweep = CompletionSweep(config.completion, self.index, self.spool, self.router, metrics=self.metrics)
         self.retention = Retention(config.retention, self.index, self.spool)
         self.monitor = DestinationMonitor(config, self.index)  # periodic C-ECHO of each destination, for /status
@@ -94,7 +99,8 @@ class Node:
         - spool files with no index row (the process died between the rename
           and the commit) are indexed;
         - jobs left ``running`` are queued again (or failed after
-          ``max_job_attempts``);
+          ``max_job_attempts``); with Celery workers, which outlive the
+          node, only by the stale-heartbeat sweep (:mod:`node.queue`);
         - series and studies left ``complete`` but never routed are routed;
         - temporary files of writes a kill interrupted (``.<SOP>.dcm.<hex>.tmp``
           in the spool, quarantine and outbox) are deleted, before the SCP
@@ -113,7 +119,9 @@ class Node:
                 reindexed += 1
             except Exception as exc:
                 self.log.error("recover_instance_failed", path=str(path), error=repr(exc))
-        requeued, failed = self.index.recover_jobs(self.config.worker.max_job_attempts)
+        requeued = failed = 0
+        if not isinstance(self.queue, CeleryQueue):
+            requeued, failed = self.index.recover_jobs(self.config.worker.max_job_attempts)
         routed = 0
         for series in self.index.series_in_state(SeriesState.COMPLETE):
             self.router.route_series(series.series_uid)
@@ -138,9 +146,13 @@ class Node:
         self.recover()
         self.notifier.start()
         self.dispatcher.start()
-        self.runner.start()
-        pipelines = sorted({r.pipeline for r in self.config.routes})
-        threading.Thread(target=self.runner.warm_up, args=(pipelines,), name="warm-up", daemon=True).start()
+        self.queue.start()
+        if isinstance(self.queue, CeleryQueue):
+            self.log.info("celery_mode", queues=sorted(self.queue.needed_queues()), unserved=self.queue.unserved())
+        else:  # the node runs the jobs itself
+            self.runner.start()
+            pipelines = sorted({r.pipeline for r in self.config.routes})
+            threading.Thread(target=self.runner.warm_up, args=(pipelines,), name="warm-up", daemon=True).start()
         self._sweep_job = self.scheduler.add_job(
             self.sweep.sweep,
             "interval",
@@ -196,6 +208,7 @@ class Node:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.runner.stop()
+        self.queue.stop()
         self.dispatcher.stop()
         self.notifier.stop()  # after the steps that emit: their last events still go out
         if self.api is not None:

@@ -104,6 +104,12 @@ class PipelineContext:
         name and the model version, so a re-run replaces the earlier result.
     device:
         torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+    precision:
+        Arithmetic of the forward passes (``[worker] precision``): ``"fp32"``,
+        ``"bf16"`` or ``"fp16"``. On CUDA the last two run under
+        ``torch.autocast``; the CPU always runs fp32
+        (:func:`pipelines.common.device.inference_precision`). Outputs are
+        float32 either way.
     log:
         A structlog logger: the node's has the job's ids bound; by default
         ``structlog.get_logger("pipelines")``, so a pipeline always logs
@@ -117,14 +123,23 @@ class PipelineContext:
         the node is configured to process with a warning (:mod:`node.guard`),
         one sentence each; the writers put them in the SR and mark the SEG's
         Series Description "OUT OF INTENDED USE". Empty: within it.
+    observations:
+        Filled by the pipeline: input-drift feature -> value for this job
+        (:data:`models.drift_reference.PIPELINE_FEATURES`:
+        ``intensity_mean`` and ``intensity_std`` of the network input after
+        preprocessing, ``score`` the model's output); the node compares them
+        with the model card's reference (:mod:`node.drift`). A pipeline
+        that fills nothing is watched on its DICOM attributes only.
     """
 
     uid_prefix: str | None = None
     device: str = "cpu"
+    precision: str = "fp32"
     log: Any = field(default_factory=lambda: structlog.get_logger("pipelines"))
     manufacturer: str = "dicom-ai-node"
     timings: dict[str, float] = field(default_factory=dict)
     intended_use_warnings: tuple[str, ...] = ()
+    observations: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from node.api.auth import TokenAuth
 from node.api.deps import NodeLike
-from node.api.routers import actions, dashboard, health, metrics, ready, reports, status, stow, wado
+from node.api.routers import actions, dashboard, drift, health, job_results, metrics, ready, reports, status, stow, wado
 
 log = structlog.get_logger("node.api")
 
@@ -48,9 +48,11 @@ def create_app(node: NodeLike, auth: TokenAuth | None = None) -> FastAPI:
     app.include_router(status.router)
     app.include_router(metrics.router)
     app.include_router(stow.router)
+    app.include_router(job_results.router)
     app.include_router(wado.router)
     app.include_router(ready.router)
     app.include_router(reports.router)
     app.include_router(actions.router)
+    app.include_router(drift.router)
     app.include_router(dashboard.router)
     return app

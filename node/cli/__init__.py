@@ -26,6 +26,7 @@ from node.cli.replay import replay
 from node.cli.run import run_offline
 from node.cli.tools import tools_app
 from node.cli.validate import validate
+from node.cli.worker import worker
 
 __all__ = ["_config", "app", "main", "parse_peer"]
 
@@ -37,6 +38,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(pipelines_app, name="pipelines")
 app.command("orthanc-routing")(orthanc_routing)
 app.command()(serve)
+app.command()(worker)
 app.command()(echo)
 app.command()(send)
 app.command("run")(run_offline)

@@ -26,7 +26,7 @@ def audit_trail(
     if event is not None and event not in set(AuditEvent):
         raise typer.BadParameter(f"--event: expected one of {', '.join(AuditEvent)}, got {event!r}")
     cfg = _config(config)
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     try:
         rows = [r.as_dict() for r in index.audit_events(since=_utc(since), study_uid=study, event=event, limit=limit)]
     finally:

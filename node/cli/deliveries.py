@@ -40,7 +40,7 @@ def deliveries_resend(
     if (destination or since) and not failed:
         raise typer.BadParameter("--destination and --since select among --failed deliveries")
     cfg = _config(config)
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     try:
         requeued, unknown = index.resend_deliveries(
             delivery_ids or (), failed=failed, destination=destination, since=_utc(since),

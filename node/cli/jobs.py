@@ -37,7 +37,7 @@ def jobs_retry(
     if (since or pipeline) and not failed:
         raise typer.BadParameter("--since and --pipeline select among --failed jobs")
     cfg = _config(config)
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     try:
         queued, refused = index.retry_jobs(
             job_ids or (), failed=failed, since=_utc(since), pipeline=pipeline, by=by or _os_user(), reason=reason

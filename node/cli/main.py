@@ -36,7 +36,7 @@ def status(
     from node.service import status_report
 
     cfg = _config(config)
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     report = status_report(index, limit)
     index.close()
     if as_json:

@@ -63,6 +63,70 @@ def models_import_bundle(
     typer.echo(f"wrote {card}; set [models] card_dirs = [\"{out}\"] and [pipelines.{pipeline}] model = \"{card.stem}\"")
 
 
+_TASK_PIPELINE = {"classification": "pneumonia", "segmentation": "brain_tumour", "bundle_segmentation": "bundle_segmentation"}
+
+
+@models_app.command("reference")
+def models_reference(
+    card_path: Annotated[Path, typer.Argument(metavar="CARD", help="Model card JSON to write the reference into.")],
+    data: Annotated[Path, typer.Option(help="Folder of DICOM studies, or (chest) of PNG images with labels.csv.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline that runs the card (default: from the card's task).")] = None,
+    exclude_training: Annotated[bool, typer.Option(help="PNG folder: leave out the card's training members.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Compute the card's input-drift reference from data, without retraining, and write it into the card.
+
+    Each image or study goes through the pipeline's preprocessing and model
+    (node.drift). For a DICOM folder the pipeline runs as ``ainode run``
+    runs it (study-level roles assigned by [sequences]); a chest PNG folder
+    is read as the training command reads it (pipelines/pneumonia/reference.py).
+    """
+    from collections import defaultdict
+
+    import pydicom
+
+    from models.card import ModelCard
+    from models.registry import SHIPPED_CARDS, ModelRegistry
+    from node.cli.common import _dicom_files
+    from node.cli.run import _offline_studies
+    from node.drift import reference_from_studies
+    from node.run import resolve_device
+    from pipelines.registry import registry
+
+    cfg = _config(config)
+    card = ModelCard.from_file(card_path)
+    name = pipeline or _TASK_PIPELINE[card.task]
+    if name not in registry():
+        raise typer.BadParameter(registry().unknown(name))
+    shipped = card_path.resolve().parent == SHIPPED_CARDS.resolve()
+    models = ModelRegistry() if shipped else ModelRegistry([card_path.resolve().parent], include_shipped=False)
+    settings = getattr(cfg.pipelines, name).model_copy(update={"model": card.name})
+    device = resolve_device(cfg.worker.device)
+    pngs = sorted((data / "images").glob("*.png")) + sorted(data.glob("*.png"))
+    if pngs and name == "pneumonia":
+        from pipelines.pneumonia.model import PneumoniaModel
+        from pipelines.pneumonia.reference import png_reference
+
+        members = set(card.training_data.training_members) if exclude_training else set()
+        reference = png_reference(PneumoniaModel(models, card.name, device), data,
+                                  keep=lambda p: p.stem not in members and p.name not in members)
+    else:
+        groups: dict[tuple[str, str], list] = defaultdict(list)
+        for f in _dicom_files([data]):
+            ds = pydicom.dcmread(f)
+            groups[(ds.StudyInstanceUID, ds.SeriesInstanceUID)].append(ds)
+        inputs, _ = _offline_studies(groups, cfg, name, registry().spec(name), [])
+        runner = registry().spec(name).load_class()(settings, models, device=device)
+        reference = reference_from_studies(runner, [study for _, study in inputs], f"{len(inputs)} DICOM "
+                                           f"{'studies' if registry().spec(name).level == 'study' else 'series'} of "
+                                           f"{data.name}, run through {name} with {card.name} {card.version}", device=device)
+    ModelCard(**{**card.model_dump(mode="json"), "drift_reference": reference.model_dump(mode="json")}).to_file(card_path)
+    for feature, ref in reference.features.items():
+        shown = ref.frequencies if ref.frequencies is not None else f"median {ref.quantiles[50]:g}" if ref.quantiles else ""
+        typer.echo(f"{feature}: n={ref.n} {shown}")
+    typer.echo(f"wrote the drift reference of {reference.n} inputs into {card_path}")
+
+
 @train_app.command("pneumonia")
 def train_pneumonia_cmd(
     data: Annotated[Path, typer.Option(help="cxr14 folder: labels.csv and images/*.png (read in place).")],

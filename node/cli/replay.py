@@ -183,7 +183,7 @@ def replay(
         if work.is_relative_to(Path(clinical).resolve()):
             raise typer.BadParameter(f"--work-dir {work} lies in the node's {clinical}; replay keeps apart from it")
     src = _source(source, cfg, fetch, calling_ae, move_ae, move_port, move_bind)
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     interrupted, run = False, None
     try:
         run = _run(index, run_key(src, filters, pipeline, target), resume, new_run, src, filters, pipeline, target)

@@ -24,7 +24,7 @@ def _replay_into(source: str, pipeline: str, out: Path, cfg, new_run: bool) -> N
     work = (cfg.storage.spool_dir.parent / "replay").resolve()
     src = RecordingSource(_source(source, cfg, FetchMode.GET, DEFAULT_AE, None, None, "0.0.0.0"), out)
     filters = ReplayFilters()
-    index = Index(cfg.storage.index_url)
+    index = Index(cfg.storage.engine_url())
     run = None
     try:
         run = _run(index, run_key(src, filters, pipeline, target), None, new_run, src, filters, pipeline, target)

@@ -20,12 +20,29 @@ from node.config.api import MIN_TOKEN_LENGTH, ApiSection, ApiTls, ApiToken, Scop
 from node.config.base import DEFAULT_CONFIG_PATH, AETitle, ConfigError, Port, _check_ae_title, _Section
 from node.config.model import Destination, LogSection, NodeConfig, load_config
 from node.config.node import CallerRule, DicomTls, NodeSection
-from node.config.pipelines import ModelsSection, PipelinesSection, WorkerSection, pipelines_section
+from node.config.pipelines import ModelsSection, PipelinesSection, pipelines_section
 from node.config.routing import Match, MatchValue, NumericRange, Presence, RouteRule
 from node.config.storage import CompletionSection, RetentionSection, StorageSection
+from node.config.worker import (
+    CelerySection,
+    DeviceClass,
+    Precision,
+    WorkerBackend,
+    WorkerInput,
+    WorkerOutput,
+    WorkerSection,
+    queue_name,
+)
 from node.destinations.base import RetryPolicy
 
 __all__ = [
+    "CelerySection",
+    "DeviceClass",
+    "Precision",
+    "WorkerBackend",
+    "WorkerInput",
+    "WorkerOutput",
+    "queue_name",
     "DEFAULT_CONFIG_PATH",
     "MIN_TOKEN_LENGTH",
     "AETitle",

@@ -15,10 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from node.config.api import ApiSection
 from node.config.audit import AuditSection
 from node.config.base import ConfigError, _Section
+from node.config.drift import DriftSection
 from node.config.node import NodeSection
-from node.config.pipelines import ModelsSection, PipelinesSection, WorkerSection
+from node.config.pipelines import ModelsSection, PipelinesSection
 from node.config.routing import Match, RouteRule, _check_route_spec, _default_sequences
 from node.config.storage import CompletionSection, RetentionSection, StorageSection
+from node.config.worker import WorkerBackend, WorkerInput, WorkerOutput, WorkerSection
 from node.destinations.base import DestinationConfig, RetryPolicy
 from node.destinations.registry import registry as destination_registry
 from pipelines.registry import registry as pipeline_registry
@@ -63,6 +65,7 @@ class NodeConfig(BaseSettings):
     api: ApiSection = Field(default_factory=ApiSection)
     log: LogSection = Field(default_factory=LogSection)
     audit: AuditSection = Field(default_factory=AuditSection)
+    drift: DriftSection = Field(default_factory=DriftSection)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -99,7 +102,26 @@ class NodeConfig(BaseSettings):
                         f"routes[{i}] ({route.name}).destinations: {dest!r} is a {self.destinations[dest].kind} "
                         "destination: it takes notifications, not results"
                     )
+        self._check_worker()
         return self
+
+    def _check_worker(self) -> None:
+        """Celery mode needs what every machine can reach: a PostgreSQL
+        index, and the node's API for DICOMweb input or STOW-RS output."""
+        w = self.worker
+        if w.backend != WorkerBackend.CELERY:
+            return
+        if self.storage.index_url.startswith("sqlite"):
+            raise ValueError(
+                "worker.backend: celery needs a PostgreSQL index shared by the node and its workers "
+                "(storage.index_url = postgresql+psycopg://...); SQLite is one machine's file"
+            )
+        if (w.input == WorkerInput.DICOMWEB or w.output == WorkerOutput.STOW) and not w.node_url:
+            raise ValueError(
+                f"worker.node_url: input = {w.input!s} / output = {w.output!s} reach the node's API; give its URL"
+            )
+        if (w.input == WorkerInput.DICOMWEB or w.output == WorkerOutput.STOW) and not self.api.enabled:
+            raise ValueError("api.enabled: workers with DICOMweb input or STOW-RS output need the node's HTTP API")
 
     def retry_for(self, destination: str) -> RetryPolicy:
         return self.destinations[destination].retry or self.retry

@@ -1,37 +1,18 @@
-"""``[worker]``, ``[models]`` and ``[pipelines]`` (one table per registered
+"""``[models]`` and ``[pipelines]`` (one table per registered
 pipeline, built from :mod:`pipelines.registry`; each also takes
 ``intended_use``, :mod:`node.config.guard`)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from node.config.base import _Section
 from node.config.guard import GuardSettings
 from pipelines.registry import Registry
 from pipelines.registry import registry as pipeline_registry
-
-
-class WorkerSection(_Section):
-    """``[worker]``: how jobs run."""
-
-    concurrency: int = Field(1, ge=1, le=64)
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
-    max_job_attempts: int = Field(
-        3, ge=1, description="A job that was running when the node died this many times is failed."
-    )
-    torch_threads: int = Field(0, ge=0, description="0 leaves torch's default.")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        return v
 
 
 class ModelsSection(_Section):

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydicom.datadict import tag_for_keyword
 
 from node.config.base import _Section
+from node.config.worker import DeviceClass
 
 
 class NumericRange(_Section):
@@ -72,6 +73,9 @@ class RouteRule(_Section):
     match: Match = Field(default_factory=dict)
     required_roles: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(min_length=1)
+    worker: DeviceClass = Field(
+        DeviceClass.CPU, description="With [worker] backend = celery: the queue class (cpu or gpu) of this route's jobs."
+    )
 
     @model_validator(mode="after")
     def _roles(self) -> RouteRule:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, SecretStr, field_validator
+from sqlalchemy.engine import make_url
 
 from node.config.base import _Section
+from node.secrets import secret_or_file
 
 
 class StorageSection(_Section):
@@ -29,12 +32,37 @@ class StorageSection(_Section):
         5.0, ge=0, lt=100, description="Below this free fraction (%) of the spool's file system, C-STORE is answered 0xA700."
     )
 
+    index_password: SecretStr | None = Field(None, description="PostgreSQL password, kept out of index_url.")
+    index_password_file: Path | None = None
+    index_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        None, description="libpq sslmode for a PostgreSQL index; verify-full on a network shared with workers."
+    )
+    index_sslrootcert: FilePath | None = None
+    index_sslcert: FilePath | None = None
+    index_sslkey: FilePath | None = None
+
+    _secrets = secret_or_file("index_password")
+
     @field_validator("index_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
             raise ValueError("expected an SQLAlchemy URL starting sqlite:/// or postgresql+psycopg://")
         return v
+
+    def engine_url(self) -> str:
+        """``index_url`` with ``index_password`` and the ``index_ssl*``
+        settings (libpq connection parameters) filled in: what
+        :class:`node.index.Index` opens. Never log it."""
+        if self.index_url.startswith("sqlite"):
+            return self.index_url
+        url = make_url(self.index_url)
+        if self.index_password is not None:
+            url = url.set(password=self.index_password.get_secret_value())
+        ssl = {"sslmode": self.index_sslmode, "sslrootcert": self.index_sslrootcert,
+               "sslcert": self.index_sslcert, "sslkey": self.index_sslkey}
+        url = url.update_query_dict({k: str(v) for k, v in ssl.items() if v is not None})
+        return url.render_as_string(hide_password=False)
 
 
 class CompletionSection(_Section):

@@ -25,9 +25,11 @@ from node.index.audit import AuditEvent, AuditQueries, AuditRecord
 from node.index.core import IndexCore, make_engine
 from node.index.dashboard import DashboardQueries
 from node.index.deliveries import DeliveryQueries
+from node.index.drift import DriftQueries
 from node.index.ingest import IngestQueries
-from node.index.jobs import JobQueries
+from node.index.jobs import ClaimLost, JobQueries
 from node.index.operations import OperationQueries
+from node.index.queue import QueueQueries, WorkerInfo
 from node.index.replay import ReplayQueries
 from node.index.reports import ReportQueries
 from node.index.schema import (
@@ -49,6 +51,7 @@ from node.index.schema import (
     Study,
     StudyAssembly,
     Transition,
+    Worker,
     utcnow,
 )
 from node.index.studies import StudyQueries
@@ -57,13 +60,17 @@ from node.index.wado import StoredInstance, WadoQueries
 
 
 class Index(
-    ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, JobQueries, DeliveryQueries,
-    AuditQueries, WadoQueries, IndexCore,
+    ReplayQueries, DashboardQueries, ReportQueries, OperationQueries, IngestQueries, StudyQueries, QueueQueries,
+    JobQueries, DeliveryQueries,
+    AuditQueries, WadoQueries, DriftQueries, IndexCore,
 ):
     """All reads and writes of the node's SQL state, one transaction a call."""
 
 
 __all__ = [
+    "ClaimLost",
+    "Worker",
+    "WorkerInfo",
     "AuditEvent",
     "AuditRecord",
     "UID",

@@ -28,6 +28,12 @@ from node.index.schema import (
 from node.index.views import JobView, _job_view
 
 
+class ClaimLost(LookupError):
+    """A worker reports on a job it no longer holds: its heartbeat went
+    stale and the job was queued again (or an operator ended it). Its
+    results are dropped; the holder's count."""
+
+
 class JobQueries(IndexCore):
     """Jobs (node/route.py queues them, node/run.py runs them) and the
     deliveries their results queue."""
@@ -75,21 +81,39 @@ class JobQueries(IndexCore):
             self._sync_series_state(s, job, job.state)
             return job.id
 
-    def claim_job(self) -> JobView | None:
-        """Take the oldest queued job, mark it running (one more attempt) and
-        return it, or None when none is queued. Concurrent workers (several
-        processes on PostgreSQL) never claim the same job: the row is locked
-        (``FOR UPDATE SKIP LOCKED``; SQLite has one writer at a time)."""
+    def claim_job(self, worker_id: str | None = None, job_id: int | None = None) -> JobView | None:
+        """Take a queued job, mark it running (one more attempt, ``worker_id``
+        and its first heartbeat) and return it, or None when none is queued.
+
+        Without ``job_id`` the oldest queued job (the embedded workers);
+        with it that job only (a Celery message names its job), None when it
+        is not queued: done, failed, or already claimed by another worker.
+        Concurrent workers (several processes on PostgreSQL) never claim the
+        same job: the row is locked (``FOR UPDATE``, and ``SKIP LOCKED`` when
+        any queued job will do; SQLite has one writer at a time)."""
         with self._write_lock, self._session.begin() as s:
-            job = s.scalar(
-                select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
-            )
+            if job_id is not None:  # wait for a lock the publisher may hold on this row, then judge its state
+                job = s.scalar(select(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).with_for_update())
+            else:
+                q = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+                job = s.scalar(q.with_for_update(skip_locked=True))
             if job is None:
                 return None
-            self._set_state(s, job, JobState.RUNNING, expect=JobState.QUEUED)
+            reason = f"claimed by {worker_id}" if worker_id else None
+            self._set_state(s, job, JobState.RUNNING, reason, expect=JobState.QUEUED)
             job.started_at, job.attempts = utcnow(), job.attempts + 1
+            job.worker_id, job.heartbeat_at = worker_id, job.started_at
             self._sync_series_state(s, job, JobState.RUNNING)
             return _job_view(job)
+
+    def _owned(self, s: Session, job_id: int, worker_id: str | None) -> Job:
+        """The job row, checked to be still ``running`` under ``worker_id``
+        when one is given. Raises :class:`ClaimLost` (the sweep gave it to
+        another worker, or an operator ended it) or LookupError."""
+        job = self._row(s, Job, job_id)
+        if worker_id is not None and (job.state != JobState.RUNNING or job.worker_id != worker_id):
+            raise ClaimLost(f"job {job_id} is {job.state} under {job.worker_id or 'no worker'}, no longer {worker_id}'s")
+        return job
 
     def _sync_series_state(self, s: Session, job: Job, state: JobState) -> None:
         """Mirror a job's state on its input series (and study assembly),
@@ -110,15 +134,18 @@ class JobQueries(IndexCore):
         results: Sequence[tuple[Any, Path, Sequence[str]]],
         timings: str | None = None,
         note: str | None = None,
+        *,
+        worker_id: str | None = None,
     ) -> None:
         """Mark a job done and queue each result for its destinations, in one
-        transaction. ``results`` holds (dataset, outbox path, destination
+        transaction. With ``worker_id``, only while that worker holds it
+        (else :class:`ClaimLost`, and nothing changes). ``results`` holds (dataset, outbox path, destination
         names); a second item with the same SOP Instance UID is another
         encoding of the same object (a compact SEG) and only adds deliveries.
         ``note`` is added to the reason of the ``done`` transition (e.g. the
         intended-use warnings). Raises LookupError for an unknown job."""
         with self._write_lock, self._session.begin() as s:
-            job = self._row(s, Job, job_id)
+            job = self._owned(s, job_id, worker_id)
             seen: set[str] = set()
             for ds, path, destinations in results:
                 row = s.get(Result, ds.SOPInstanceUID)
@@ -173,17 +200,19 @@ class JobQueries(IndexCore):
         timings: str | None = None,
         *,
         state: JobState = JobState.FAILED,
+        worker_id: str | None = None,
     ) -> None:
         """End a job without results: ``failed`` (an input fault with
         ``traceback=None``, or a bug with its traceback), or with
         ``state=JobState.NOT_APPLICABLE`` valid input its pipeline does not
-        process. ``error`` is the reason either way. Raises ValueError for
-        another state, LookupError for an unknown job."""
+        process. ``error`` is the reason either way. With ``worker_id``, only
+        while that worker holds it. Raises ValueError for another state,
+        :class:`ClaimLost` or LookupError."""
         if state not in (JobState.FAILED, JobState.NOT_APPLICABLE, JobState.OUT_OF_SCOPE):
             raise ValueError(f"state must be failed, not_applicable or out_of_scope, got {state!r}")
         state = JobState(state)
         with self._write_lock, self._session.begin() as s:
-            job = self._row(s, Job, job_id)
+            job = self._owned(s, job_id, worker_id)
             self._set_state(s, job, state, error[:500])
             job.finished_at = utcnow()
             job.error = error
@@ -269,7 +298,7 @@ class JobQueries(IndexCore):
                 self._set_state(s, job, JobState.QUEUED, why)
                 job.attempts = 0
                 job.error = job.traceback = job.timings = None
-                job.started_at = job.finished_at = None
+                job.started_at = job.finished_at = job.enqueued_at = None
                 self._sync_series_state(s, job, JobState.QUEUED)
                 requeued.append(job_id)
         return requeued, refused

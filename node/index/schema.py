@@ -10,7 +10,8 @@ States (each change is one ``transitions`` row, written by
     study:    receiving -> complete -> queued -> running -> done | failed | not_applicable
     job:      queued -> running -> done | failed | not_applicable | out_of_scope
               queued -> cancelled (an operator; node/actions.py)
-              (running -> queued on recovery; failed | not_applicable -> queued
+              (running -> queued on recovery or a worker's stale heartbeat;
+              failed | not_applicable -> queued
               by an operator's ``ainode jobs retry``)
     delivery: pending -> delivered | failed
               (delivered | failed -> pending by ``ainode deliveries resend``)
@@ -243,6 +244,30 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[str | None] = mapped_column(Text)  # JSON: stage -> seconds
+    # Who runs it (node.queue): the claiming worker, its last heartbeat, and
+    # with Celery the queue and when a message was last published for it.
+    worker_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    queue: Mapped[str | None] = mapped_column(String(64))
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Worker(Base):
+    """A Celery worker process (``ainode worker``) and what it can run: it
+    announces itself at start and heartbeats while it lives."""
+
+    __tablename__ = "workers"
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[str] = mapped_column(Text)  # JSON list of queue names
+    pipelines: Mapped[str] = mapped_column(Text)  # JSON: pipeline -> model version
+    device: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(8))
+    input: Mapped[str] = mapped_column(String(16))
+    metrics_url: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class Result(Base):

@@ -93,6 +93,9 @@ class JobView:
     roles: dict[str, str] = field(default_factory=dict)
     #: When the last instance of its input was received (naive UTC).
     trigger_received_at: dt.datetime | None = None
+    #: The worker that claimed it (node.queue), and when it was last published to a queue.
+    worker_id: str | None = None
+    enqueued_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -117,4 +120,6 @@ def _job_view(job: Job) -> JobView:
         attempts=job.attempts,
         roles=json.loads(job.roles) if job.roles else {},
         trigger_received_at=job.trigger_received_at,
+        worker_id=job.worker_id,
+        enqueued_at=job.enqueued_at,
     )

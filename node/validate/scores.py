@@ -25,7 +25,6 @@ bootstrap over studies; none for n = 1.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,27 +58,49 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None
 
 
-def bootstrap_ci(stat: Callable[[np.ndarray], float | None], groups: Sequence[str], n: int = BOOTSTRAP,
+def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], groups: Sequence[str], n: int = BOOTSTRAP,
                  seed: int = SEED) -> tuple[float | None, float | None, int]:
-    """95 % percentile interval of ``stat(indices)`` over resamples of
-    ``groups`` (each group's indices drawn together). Returns (low, high,
-    resamples where ``stat`` was defined); (None, None, 0) with one group."""
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        by_group[g].append(i)
-    members = [np.array(v) for v in by_group.values()]
-    if len(members) < 2:
+    """95 % percentile interval of ``stat`` over ``n`` resamples of ``groups``
+    (each group's cases drawn together, with replacement).
+
+    ``stat(weights)`` gets a block of resamples as a (resamples, cases) array:
+    how many times each case is in each resample, and returns one value per
+    resample (NaN where undefined). Weights rather than index lists let the
+    statistic run on numpy arrays, block by block, not once per resample in
+    Python. Returns (low, high, resamples where ``stat`` was defined);
+    (None, None, 0) with one group."""
+    names, which = np.unique(np.array([str(x) for x in groups]), return_inverse=True)
+    if len(names) < 2:
         return None, None, 0
-    rng = np.random.default_rng(seed)
+    rng, g = np.random.default_rng(seed), len(names)
+    block = max(1, 2_000_000 // max(g, len(which)))  # bounds the (resamples, cases) arrays to ~16 MB
     values = []
-    for _ in range(n):
-        drawn = rng.integers(0, len(members), len(members))
-        v = stat(np.concatenate([members[d] for d in drawn]))
-        if v is not None and math.isfinite(v):
-            values.append(v)
-    if not values:
+    for start in range(0, n, block):
+        rows = min(block, n - start)
+        drawn = rng.integers(0, g, (rows, g)) + g * np.arange(rows)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=rows * g).reshape(rows, g).astype(float)
+        values.append(np.asarray(stat(counts[:, which]), float))
+    v = np.concatenate(values)
+    v = v[np.isfinite(v)]
+    if not len(v):
         return None, None, 0
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)), len(values)
+    return float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)), len(v)
+
+
+def weighted_auroc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of each row of case ``weights`` (resample counts): the
+    Mann-Whitney form, P(p_pos > p_neg) + P(tie) / 2, which is the trapezoidal
+    area :func:`sklearn.metrics.roc_auc_score` gives for the resampled cases.
+    NaN where a row has no positive or no negative case."""
+    order = np.argsort(p, kind="stable")
+    ps, ys, w = p[order], y[order] == 1, weights[:, order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # one column per distinct probability
+    pos = np.add.reduceat(w * ys, starts, axis=1)
+    neg = np.add.reduceat(w * ~ys, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives with a strictly lower probability
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg), np.nan)
 
 
 def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -114,7 +135,7 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> l
 
 
 def _auroc_block(y: np.ndarray, p: np.ndarray, groups: Sequence[str]) -> dict:
-    low, high, used = bootstrap_ci(lambda i: auroc(y[i], p[i]), groups)
+    low, high, used = bootstrap_ci(lambda w: weighted_auroc(y, p, w), groups)
     return {"value": _f(auroc(y, p)), "ci95_low": _f(low), "ci95_high": _f(high), "resamples_defined": used,
             "ci_method": f"95 % percentile bootstrap, {BOOTSTRAP} resamples of patients (seed {SEED})"}
 
@@ -183,7 +204,7 @@ def _mean_block(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "ci95_low": None, "ci95_high": None, "n": 0}
     arr = np.asarray(values, float)
-    low, high, _ = bootstrap_ci(lambda i: float(arr[i].mean()), [str(i) for i in range(len(arr))])
+    low, high, _ = bootstrap_ci(lambda w: w @ arr / w.sum(axis=1), [str(i) for i in range(len(arr))])
     return {"mean": _f(arr.mean()), "ci95_low": _f(low), "ci95_high": _f(high), "n": len(arr)}
 
 

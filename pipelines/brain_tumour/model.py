@@ -44,7 +44,7 @@ from monai.transforms import Spacing, SpatialResample
 
 from models.card import ArrayAxes, ModelCard, SegmentationSpec, VolumeInputSpec
 from models.registry import ModelRegistry
-from pipelines.common.device import torch_device
+from pipelines.common.device import inference_precision, torch_device
 
 __all__ = [
     "BrainTumourModel",
@@ -204,7 +204,8 @@ class BrainTumourModel:
         or the card of an imported MONAI bundle.
     device:
         torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``. On CUDA the
-        forward pass runs under float16 autocast (the bundle's ``amp: true``).
+        forward pass runs at the precision :meth:`predict` is given (the
+        bundle's ``amp: true`` is ``"fp16"``); the CPU runs fp32.
 
     Raises
     ------
@@ -278,6 +279,7 @@ class BrainTumourModel:
         spacing_mm: Sequence[float] | None = None,
         roi: Sequence[int] | None = None,
         overlap: float | None = None,
+        precision: str = "fp32",
     ) -> BrainTumourPrediction:
         """Segment one preprocessed volume.
 
@@ -298,6 +300,10 @@ class BrainTumourModel:
             None uses the card's. Each side a multiple of :attr:`spatial_multiple`.
         overlap:
             Sliding-window overlap in [0, 1) (``settings.overlap``); None uses the card's.
+        precision:
+            ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``PipelineContext.precision``):
+            autocast on CUDA, fp32 on the CPU (:func:`inference_precision`).
+            The logits are cast to float32 before the sigmoid.
 
         Returns
         -------
@@ -307,8 +313,9 @@ class BrainTumourModel:
         ------
         ValueError
             ``x`` has the wrong shape, channel count or non-finite values;
-            ``spacing_mm``, ``roi`` or ``overlap`` is invalid.
+            ``spacing_mm``, ``roi``, ``overlap`` or ``precision`` is invalid.
         """
+        amp = inference_precision(self.device, precision)
         vin, seg = self._vin, self._seg
         x = self._check_input(x)
         sw = seg.sliding_window
@@ -337,7 +344,8 @@ class BrainTumourModel:
             timings["resample_in"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            logits = self._sliding_window(t, roi_size, ov)
+            with amp:
+                logits = self._sliding_window(t, roi_size, ov)
             timings["sliding_window"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -363,15 +371,9 @@ class BrainTumourModel:
     def _sliding_window(self, t: torch.Tensor, roi_size: tuple[int, ...], overlap: float) -> torch.Tensor:
         sw = self._seg.sliding_window
         inputs = t.unsqueeze(0).to(self.device)
-        if self.device.type == "cuda":
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
-                out = sliding_window_inference(inputs, roi_size, sw.sw_batch_size, self.network, overlap=overlap,
-                                               mode=sw.mode)
-        else:
-            out = sliding_window_inference(inputs, roi_size, sw.sw_batch_size, self.network, overlap=overlap,
-                                           mode=sw.mode)
+        out = sliding_window_inference(inputs, roi_size, sw.sw_batch_size, self.network, overlap=overlap, mode=sw.mode)
         out = out.as_tensor() if isinstance(out, MetaTensor) else out
-        return out[0].float().cpu()
+        return out[0].float().cpu()  # float32 whatever autocast ran in
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):

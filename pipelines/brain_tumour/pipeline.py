@@ -150,9 +150,19 @@ class BrainTumourPipeline:
 
         t = time.perf_counter()
         prediction = self.model.predict(
-            prep.array, spacing_mm=prep.spacing_mm, roi=self.settings.roi_size, overlap=self.settings.overlap
+            prep.array,
+            spacing_mm=prep.spacing_mm,
+            roi=self.settings.roi_size,
+            overlap=self.settings.overlap,
+            precision=context.precision,
         )
         timings["inference"] = time.perf_counter() - t
+        # Input drift (node.drift): the z-scored input over the whole field of view
+        # (its zeros outside the brain included), and the whole-tumour volume in ml.
+        context.observations.update(
+            intensity_mean=float(prep.array.mean()), intensity_std=float(prep.array.std()),
+            score=float(prediction.volumes_ml().get("WT", 0.0)),
+        )
 
         t = time.perf_counter()
         reference = volumes[self.settings.reference_role]

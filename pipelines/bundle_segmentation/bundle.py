@@ -52,7 +52,7 @@ from monai.transforms import Compose, LoadImaged, SaveImage, SaveImaged
 
 from models.card import BundleOutputSpec, ModelCard
 from models.registry import ModelRegistry
-from pipelines.common.device import torch_device
+from pipelines.common.device import inference_precision, torch_device
 from pipelines.common.resample import LPS_TO_RAS, affine_lps
 from pipelines.common.volume import SeriesVolume
 
@@ -130,8 +130,10 @@ class BundleModel:
     name:
         Card name.
     device:
-        torch device string. On CUDA the forward pass runs under float16
-        autocast when the bundle says ``"amp": true`` (as its evaluator does).
+        torch device string. On CUDA the forward pass runs at the precision
+        :meth:`predict` is given (the worker's ``precision``); the bundle's
+        ``"amp": true`` (float16 autocast in its evaluator) is kept in
+        :attr:`amp` for information and is ``"fp16"`` there.
 
     Raises
     ------
@@ -194,8 +196,12 @@ class BundleModel:
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.output.modalities)
 
-    def predict(self, volume: SeriesVolume) -> MetaTensor:
+    def predict(self, volume: SeriesVolume, precision: str = "fp32") -> MetaTensor:
         """The bundle's label map for one series.
+
+        ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast around the
+        inferer on CUDA, fp32 on the CPU (:func:`inference_precision`); the
+        network's output is cast to float32 before the bundle's postprocessing.
 
         Returns
         -------
@@ -207,18 +213,18 @@ class BundleModel:
         ValueError
             The bundle's ``pred`` is not a one-channel map of whole numbers
             in 0..255 (a bundle whose postprocessing leaves probabilities or
-            one-hot channels).
+            one-hot channels); ``precision`` is not one of the three.
         """
+        amp = inference_precision(self.device, precision)
         with self._lock, torch.no_grad():
             data = self.loader({self.image_key: volume.series_instance_uid}, reader=SeriesReader(volume))
             data = self.preprocessing(data)
             batch = list_data_collate([data])
             inputs = batch[self.image_key].to(self.device)
-            if self.amp and self.device.type == "cuda":
-                with torch.autocast(device_type="cuda", dtype=torch.float16):
-                    pred = self.inferer(inputs, self.network)
-            else:
+            with amp:
                 pred = self.inferer(inputs, self.network)
+            if isinstance(pred, torch.Tensor):  # autocast leaves it in half precision
+                pred = pred.float()
             batch_item = decollate_batch(batch, detach=True)[0]
             output = decollate_batch({self.image_key: inputs, PRED: pred}, detach=True)[0]
             item = self.postprocessing({**batch_item, **output})

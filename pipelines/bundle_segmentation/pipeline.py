@@ -118,7 +118,7 @@ class BundleSegmentationPipeline:
             timings["read_volume"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            labels = self.model.predict(volume)
+            labels = self.model.predict(volume, precision=context.precision)
             timings["bundle"] = time.perf_counter() - t
 
             t = time.perf_counter()

@@ -123,6 +123,24 @@ def intended_use_lines(card: ModelCard) -> list[str]:
     return lines + [""]
 
 
+def drift_reference_lines(card: ModelCard) -> list[str]:
+    """The card's input-drift reference (``drift_reference``) as a Markdown section, or nothing."""
+    ref = card.drift_reference
+    if ref is None:
+        return []
+    shown = []
+    for feature, f in ref.features.items():
+        if f.frequencies is not None:
+            shown.append(f"{feature} " + ", ".join(f"{k} {v:.0%}" for k, v in f.frequencies.items()))
+        elif f.quantiles is not None:
+            shown.append(f"{feature} median {f.quantiles[50]:.4g} (5-95 % {f.quantiles[5]:.4g}-{f.quantiles[95]:.4g})")
+    return ["", "## Input-drift reference", "", f"{ref.source}; n = {ref.n}. The node compares each model's recent inputs "
+            "with it (`[drift]`, `ainode_input_drift` gauges, dashboard): PSI for categories, KS statistic for numbers.",
+            "", *[f"- {line}" for line in shown], "",
+            f"Recomputed without retraining by `ainode models reference models/cards/{card.name}.json --data FOLDER` "
+            "(DICOM studies, or the chest model's PNG folder with labels.csv); the training command writes it too."]
+
+
 def card_markdown(
     card: ModelCard, *, model: Sequence[str], performance: Sequence[str], split: str | None, run_detail: str = "."
 ) -> str:
@@ -147,6 +165,7 @@ def card_markdown(
         lines += ["", "## Training run", "", f"`{card.training.command}`", "",
                   f"Wall time {card.training.wall_time_s:.0f} s on {card.training.hardware}; {card.training.date}"
                   + run_detail, "", card.training.notes or ""]
+    lines += drift_reference_lines(card)
     lines += ["", "## Licence", "", f"{card.licence.spdx}. {card.licence.notes or ''}", "", "## References", ""]
     lines += [f"- {r}" for r in card.references]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

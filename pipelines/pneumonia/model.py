@@ -26,7 +26,7 @@ from pydicom import Dataset
 from models.card import ModelCard
 from models.densenet import op_norm
 from models.registry import ModelRegistry
-from pipelines.common.device import torch_device
+from pipelines.common.device import inference_precision, torch_device
 from pipelines.pneumonia.preprocess import (
     CxrPreprocessor,
     Geometry,
@@ -62,6 +62,9 @@ class PneumoniaPrediction:
         Source grid <-> model-input grid.
     notes:
         Preprocessing notes (VOI used, resampling skipped and why, ...), for the log.
+    input_mean, input_std:
+        Mean and standard deviation of the preprocessed image (the network
+        input before intensity scaling, in [0, 1]): input-drift features.
     """
 
     probability: float
@@ -72,6 +75,8 @@ class PneumoniaPrediction:
     cam_model: np.ndarray | None
     geometry: Geometry
     notes: tuple[str, ...]
+    input_mean: float = float("nan")
+    input_std: float = float("nan")
 
 
 def _max_normaliser(x: torch.Tensor) -> torch.Tensor:
@@ -140,12 +145,12 @@ class PneumoniaModel:
         """The card's operating point on :attr:`PneumoniaPrediction.probability`."""
         return self.card.operating_point.threshold if self.card.operating_point else None
 
-    def predict_dataset(self, ds: Dataset, cam: bool = True) -> PneumoniaPrediction:
+    def predict_dataset(self, ds: Dataset, cam: bool = True, precision: str = "fp32") -> PneumoniaPrediction:
         """Predict for a single-frame CR/DX dataset (see :func:`dicom_to_image`;
         raises its ValueError for unusable pixel data)."""
-        return self.predict(dicom_to_image(ds), cam=cam)
+        return self.predict(dicom_to_image(ds), cam=cam, precision=precision)
 
-    def predict(self, source: SourceImage, cam: bool = True) -> PneumoniaPrediction:
+    def predict(self, source: SourceImage, cam: bool = True, precision: str = "fp32") -> PneumoniaPrediction:
         """Predict for one source image.
 
         Parameters
@@ -154,24 +159,36 @@ class PneumoniaModel:
             ``(Rows, Columns)`` float32 in [0, 1] with its spacing.
         cam:
             Also compute the Grad-CAM map (one backward pass).
+        precision:
+            ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``PipelineContext.precision``):
+            autocast on CUDA, fp32 on the CPU (:func:`inference_precision`).
 
         Returns
         -------
         :class:`PneumoniaPrediction`; ``cam`` is ``(Rows, Columns)`` float32 in [0, 1].
+
+        Raises
+        ------
+        ValueError
+            ``precision`` is not one of the three.
         """
+        amp = inference_precision(self.device, precision)
         pre: PreprocessedImage = self.preprocessor(source)
         x = torch.from_numpy(pre.tensor[None]).to(self.device)
         with self._lock:
             if cam:
                 x.requires_grad_(True)
-                cam_map = self._cam(x, class_idx=self.target_index)  # (1, 1, H, W)
+                # MONAI runs forward and backward in one call, so the backward
+                # is under autocast too: its gradients take the forward's dtypes.
+                with amp:
+                    cam_map = self._cam(x, class_idx=self.target_index)  # (1, 1, H, W)
                 logits = self._cam.nn_module.score  # the class score MONAI back-propagated
                 assert logits is not None  # set by the call above
-                logit = float(logits.detach().reshape(-1)[0])
+                logit = float(logits.detach().float().reshape(-1)[0])
                 cam_model = cam_map[0, 0].detach().float().cpu().numpy()
             else:
-                with torch.inference_mode():
-                    logit = float(self._net(x)[0, self.target_index])
+                with torch.inference_mode(), amp:
+                    logit = float(self._net(x)[0, self.target_index].float())
                 cam_model = None
         raw = torch.sigmoid(torch.tensor([[logit]], dtype=torch.float64)).item()
         prob = raw
@@ -192,6 +209,8 @@ class PneumoniaModel:
             cam_model=cam_model,
             geometry=pre.geometry,
             notes=pre.notes,
+            input_mean=float(pre.prepared.image.mean()),
+            input_std=float(pre.prepared.image.std()),
         )
 
 

@@ -171,9 +171,12 @@ class PneumoniaPipeline:
                 source = dicom_to_image(ds)
             except ValueError as exc:
                 raise PipelineInputError(f"image {ds.SOPInstanceUID}: {exc}") from exc
-            prediction = self.model.predict(source, cam=True)
+            prediction = self.model.predict(source, cam=True, precision=context.precision)
             assert prediction.cam is not None  # asked for
             timings["inference"] = timings.get("inference", 0.0) + time.perf_counter() - t
+            if not context.observations:  # input drift (node.drift): one sample per job, its first image
+                context.observations.update(intensity_mean=prediction.input_mean, intensity_std=prediction.input_std,
+                                            score=prediction.probability)
             for note in prediction.notes:
                 log.info("preprocessing", sop_instance_uid=ds.SOPInstanceUID, note=note)
             mask = cam_mask(prediction.cam, self.settings.cam_threshold)

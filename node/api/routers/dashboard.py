@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from node.api import charts
+from node.api.routers.drift import drift_report
 from node.api.session import OPEN_VIEWER, Sessions, Viewer
 from node.config import Scope
 from node.findings import FindingCache
@@ -153,6 +154,7 @@ def _context(request: Request, viewer: Viewer) -> dict:
         "ohif_url": (node.config.api.ohif_url or "").rstrip("/") or None,
         "csrf": viewer.csrf,
         "login_possible": bool(request.app.state.auth.tokens),
+        "drift": drift_report(node),
     }
 
 

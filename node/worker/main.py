@@ -1,0 +1,76 @@
+"""``ainode worker``: a Celery worker process that runs the node's jobs.
+
+One process runs one job at a time on Celery's ``solo`` pool: its models
+stay loaded in the process that runs them (a ``prefork`` child would load
+its own copy, and a CUDA context does not survive a fork), so a machine
+runs one process per GPU, and CPU machines scale by process count
+(``ainode-worker@N`` units, deploy/systemd). SIGTERM is Celery's warm
+shutdown: the current job finishes, then the process exits; a second
+SIGTERM or SIGQUIT stops at once, and the job is given back
+(:meth:`WorkerRuntime.close`) or, after a SIGKILL, taken back by the node's
+stale sweep.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+
+from node.config import NodeConfig
+from node.queue.celery_app import TASK_NAME, make_celery_app
+from node.run import TransientJobError
+from node.worker.runtime import WorkerRuntime
+
+
+def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
+    """The ``ainode.run_job`` task of ``app``, bound to ``runtime``.
+
+    A transient failure (index or node unreachable) gives the job back and
+    retries the message after ``retry_backoff_seconds``, doubling, at most
+    ``max_retries`` times; then the job fails with the reason.
+    """
+    section = runtime.config.worker.celery
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=section.max_retries,
+              ignore_result=True)
+    def run_job(task: Task, job_id: int) -> None:
+        try:
+            runtime.handle(int(job_id))
+        except TransientJobError as exc:
+            retries = task.request.retries or 0
+            if retries >= section.max_retries:
+                runtime.give_up(int(job_id), str(exc))
+                return
+            runtime.release(int(job_id), str(exc), republish=False)
+            raise task.retry(exc=exc, countdown=min(60.0, section.retry_backoff_seconds * 2**retries)) from exc
+
+    return run_job
+
+
+def serve_metrics(runtime: WorkerRuntime) -> None:
+    """This worker's ``/metrics`` (prometheus_client's server, its own registry)."""
+    from prometheus_client import start_http_server
+
+    w = runtime.config.worker
+    server, _ = start_http_server(w.metrics_port, addr=w.metrics_bind, registry=runtime.metrics.registry)
+    runtime.metrics_url = f"http://{w.metrics_bind}:{server.server_port}/metrics"
+
+
+def run_worker(config: NodeConfig, pipelines: list[str], queues: list[str], *, loglevel: str = "INFO") -> None:
+    """Load, announce, consume ``queues`` until shut down, then give back."""
+    runtime = WorkerRuntime(config, pipelines, queues)
+    serve_metrics(runtime)
+    runtime.start()
+    if not runtime.queues:
+        runtime.close()
+        raise SystemExit("no pipeline loaded: nothing to serve")
+    app = make_celery_app(config)
+    register_task(app, runtime)
+    argv = [
+        "worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(runtime.queues)}",
+        f"--hostname=ainode-{runtime.worker_id.replace(':', '-')}@%h", "--without-gossip", "--without-mingle",
+        "--without-heartbeat", f"--loglevel={loglevel}", "-O", "fair",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        runtime.close()

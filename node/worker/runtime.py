@@ -1,0 +1,179 @@
+"""One ``ainode worker`` process: its pipelines loaded once, its claim on the
+job it runs, its heartbeats and its announcement (:mod:`node.index.queue`).
+
+:class:`WorkerRuntime.handle` is what the Celery task does with a message:
+
+1. claim the job row (``queued -> running``, this worker's id, a first
+   heartbeat) in one transaction; a message for a job that is not
+   ``queued`` (done already, or held by another worker) is acknowledged and
+   dropped;
+2. run it with :class:`node.run.Runner`, reading the input from the shared
+   spool or over WADO-RS and handing the results back through the shared
+   outbox or over STOW-RS (``[worker] input`` / ``output``);
+3. meanwhile a thread refreshes the job's heartbeat every
+   ``heartbeat_seconds``, and the worker's own row, so the node's sweep
+   takes back only the jobs of workers that died.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import NodeConfig, WorkerInput, WorkerOutput
+from node.index import Index, JobState, WorkerInfo
+from node.metrics import Metrics
+from node.queue.base import JobQueue
+from node.run import OutboxSink, ResultSink, Runner, SpoolSource, StudySource, TransientJobError, default_worker_id
+from node.spool import Spool
+
+
+class WorkerQueue(JobQueue):
+    """A worker's view of the queue: it claims and reports; the node publishes."""
+
+    def enqueue(self) -> None:
+        """Workers publish nothing: the node does (:class:`node.queue.CeleryQueue`)."""
+
+
+class WorkerRuntime:
+    """What a worker process keeps between messages.
+
+    Parameters
+    ----------
+    config:
+        The shared configuration file, with this worker's ``[worker]
+        device`` (``--device``).
+    pipelines:
+        The pipelines this worker runs; ``queues`` their queue names.
+    metrics:
+        This worker's own metrics (served on ``[worker] metrics_port``).
+    """
+
+    def __init__(self, config: NodeConfig, pipelines: list[str], queues: list[str], *, metrics: Metrics | None = None):
+        self.config = config
+        self.pipelines = pipelines
+        self.queues = queues
+        self.worker_id = default_worker_id()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics_url: str | None = None
+        self.log = structlog.get_logger("node.worker").bind(worker_id=self.worker_id)
+        st = config.storage
+        self.index = Index(st.engine_url())
+        self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
+        self.queue = WorkerQueue(self.index)
+        self.runner = Runner(
+            config, self.index, self.spool, metrics=self.metrics, queue=self.queue,
+            source=self._source(), sink=self._sink(), worker_id=self.worker_id,
+        )
+        self.loaded: dict[str, str] = {}
+        self.current: int | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _source(self) -> StudySource:
+        if self.config.worker.input == WorkerInput.DICOMWEB:
+            from node.worker.io import DicomwebSource
+
+            return DicomwebSource(self.config)
+        return SpoolSource(self.index)
+
+    def _sink(self) -> ResultSink:
+        if self.config.worker.output == WorkerOutput.STOW:
+            from node.worker.io import StowSink
+
+            return StowSink(self.config)
+        return OutboxSink(self.config, self.spool, self.queue)
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the pipelines, announce what loaded, start the heartbeats."""
+        self.runner.set_torch_threads()
+        self.loaded = self.runner.warm_up(self.pipelines)
+        served = [q for q in self.queues if q.split(".")[0] in self.loaded]
+        for q in sorted(set(self.queues) - set(served)):
+            self.log.error("queue_not_served", queue=q, detail="its pipeline did not load; the node will not publish to it")
+        self.queues = served
+        self.announce()
+        self._beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self._beat.start()
+        self.log.info("worker_ready", queues=self.queues, pipelines=self.loaded, device=self.config.worker.device,
+                      precision=str(self.config.worker.precision), input=str(self.config.worker.input),
+                      output=str(self.config.worker.output), metrics_url=self.metrics_url)
+
+    def announce(self) -> None:
+        w = self.config.worker
+        self.index.announce_worker(WorkerInfo(
+            worker_id=self.worker_id, hostname=socket.gethostname(), queues=tuple(self.queues), pipelines=self.loaded,
+            device=w.device, precision=str(w.precision), input=str(w.input), metrics_url=self.metrics_url,
+        ))
+
+    def close(self) -> None:
+        """On shutdown: give back a job still held (a cold shutdown) and say we stopped."""
+        self._stop.set()
+        if self.current is not None:
+            self.release(self.current, "the worker stopped before the job ended", republish=True)
+        try:
+            self.index.worker_stopped(self.worker_id)
+        except SQLAlchemyError as exc:
+            self.log.warning("worker_stop_unrecorded", error=str(exc))
+        self.index.close()
+
+    def _heartbeats(self) -> None:
+        interval = self.config.worker.heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                self.index.worker_heartbeat(self.worker_id)
+                job_id = self.current
+                if job_id is not None and not self.queue.heartbeat(job_id, self.worker_id):
+                    self.log.warning("job_claim_lost", job_id=job_id, detail="the node gave it to another worker")
+            except Exception as exc:  # the index is down: the node's sweep decides, not us
+                self.log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- messages --------------------------------------------------------------------
+
+    def handle(self, job_id: int) -> JobState | None:
+        """Claim and run job ``job_id``; None when the message is dropped.
+
+        Raises
+        ------
+        TransientJobError
+            The index or the node could not be reached; after a claim the
+            job is still this worker's, for :meth:`release`.
+        """
+        t = time.perf_counter()
+        try:
+            job = self.queue.claim(self.worker_id, job_id)
+        except SQLAlchemyError as exc:
+            raise TransientJobError(f"the index cannot be reached to claim job {job_id}: {exc}") from exc
+        if job is None:
+            row = self.index.job(job_id)
+            self.log.info("message_dropped", job_id=job_id, state=row.state if row else "unknown",
+                          holder=row.worker_id if row else None)
+            self.metrics.messages_dropped.inc()
+            return None
+        self.metrics.claim_seconds.observe(time.perf_counter() - t)
+        self.current = job.id
+        try:
+            return self.runner.run_job(job)
+        finally:
+            self.current = None
+
+    def release(self, job_id: int, reason: str, *, republish: bool) -> None:
+        """Give a claimed job back to ``queued`` (logged; never raises)."""
+        try:
+            released = self.index.release_job(job_id, self.worker_id, reason, republish=republish)
+            self.log.warning("job_released", job_id=job_id, reason=reason, released=released)
+        except Exception as exc:
+            self.log.error("job_release_failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+
+    def give_up(self, job_id: int, reason: str) -> None:
+        """Retries exhausted: the job fails with ``reason`` (logged; never raises)."""
+        try:
+            self.index.fail_job(job_id, f"retries exhausted: {reason}", state=JobState.FAILED)
+        except Exception as exc:
+            self.log.error("job_fail_unrecorded", job_id=job_id, error=f"{type(exc).__name__}: {exc}")

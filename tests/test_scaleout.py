@@ -1,0 +1,232 @@
+"""Scale-out on Celery (issue "Scale out"): a real ``redis-server`` and a real
+PostgreSQL started here on loopback ports, the node in celery mode, and two
+``ainode worker`` processes, one reading its input over WADO-RS from the node
+and answering by STOW-RS, one on the shared spool and outbox.
+
+Twenty chest-radiograph studies go in by dcmtk ``storescu``; the results go
+to a real Orthanc and, to count every arrival, to dcmtk ``storescp +uf``
+(Orthanc keeps one copy per SOP Instance UID and would hide a duplicate).
+On the way one worker is SIGKILLed in the middle of a job, and Redis is
+stopped for 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from node.config import load_config
+from node.index import Job, JobState
+from node.service import Node
+from tests.peers import REPO, Orthanc, free_port, have_dcmtk, have_orthanc, storescu, wait_for, write_node_toml
+from tests.reliability.support import CHEST_ROUTE, DcmtkStoreSCP, InstanceFactory, duplicates, report
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("redis-server") and have_dcmtk() and have_orthanc()),
+    reason="needs redis-server, dcmtk and Orthanc (make setup installs them)",
+)
+
+STUDIES = 20
+HEARTBEAT, STALE_AFTER, VISIBILITY = 0.5, 3.0, 20.0
+
+
+class RedisServer:
+    """Debian's ``redis-server`` on a loopback port, without persistence: a
+    restart loses what the broker held, the worst case for the node."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=log, stderr=log,
+        )
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+                                        text=True).stdout.strip() == "PONG", 20, what="redis")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _database(postgres_url: str) -> str:
+    """A fresh database on the session's PostgreSQL, for this test alone."""
+    import psycopg
+
+    name = f"scaleout_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+class WorkerProcess:
+    """``ainode worker`` as its own process."""
+
+    def __init__(self, config: Path, workdir: Path, name: str, *args: str):
+        self.name = name
+        self.log_path = workdir / f"worker-{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "worker", "--config", str(config), "--queue", "pneumonia", *args],
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+        )
+
+    def worker_id(self) -> str:
+        return f"{os.uname().nodename}:{self.proc.pid}"
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path, postgres_url):
+    redis = RedisServer(tmp_path).start()
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    results = DcmtkStoreSCP(tmp_path / "arrivals").start()
+    token = tmp_path / "worker.token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    api_port = free_port()
+    sections = {
+        "node": {"ae_title": "AINODE", "bind_address": "127.0.0.1", "port": free_port()},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "quarantine_dir": str(tmp_path / "quarantine"),
+                    "outbox_dir": str(tmp_path / "outbox"), "index_url": _database(postgres_url), "fsync": False},
+        "completion": {"sweep_interval_seconds": 0.2, "series_idle_seconds": 60},
+        "api": {"bind_address": "127.0.0.1", "port": api_port,
+                "tokens": [{"name": "workers", "scopes": ["read", "ingest"], "file": str(token)}]},
+        "worker": {"backend": "celery", "heartbeat_seconds": HEARTBEAT, "stale_after_seconds": STALE_AFTER,
+                   "torch_threads": 1, "device": "cpu", "node_url": f"http://127.0.0.1:{api_port}",
+                   "node_token_file": str(token),
+                   "celery": {"broker_url": f"redis://127.0.0.1:{redis.port}/0",
+                              "visibility_timeout_seconds": VISIBILITY, "job_time_limit_seconds": 15,
+                              "retry_backoff_seconds": 0.5}},
+        "destinations": {"pacs": {"kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
+                         "arrivals": results.destination()},
+        "routes": [CHEST_ROUTE | {"destinations": ["pacs", "arrivals"]}],
+    }
+    config = write_node_toml(tmp_path / "node.toml", sections)
+    node = Node(load_config(config))
+    node.start()
+    workers = {
+        "web": WorkerProcess(config, tmp_path, "web", "--input", "dicomweb", "--output", "stow"),
+        "shared": WorkerProcess(config, tmp_path, "shared", "--input", "shared_spool", "--output", "shared_outbox"),
+    }
+    try:
+        wait_for(lambda: not node.queue.unserved() and len(node.index.live_workers(STALE_AFTER)) == 2, 120,
+                 0.5, "both workers announced")
+        yield node, workers, redis, orthanc, results, tmp_path
+    finally:
+        for w in workers.values():
+            w.stop()
+        node.stop()
+        results.stop()
+        orthanc.stop()
+        redis.stop()
+
+
+def _send(factory: InstanceFactory, outdir: Path, port: int) -> str:
+    """One new chest study (one CR instance) by storescu; its Study Instance UID."""
+    path = factory.series(outdir, "CR", 1)[0]
+    assert storescu([path], port, "AINODE").returncode == 0
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _jobs(node: Node) -> list[Job]:
+    with node.index._session() as s:
+        return list(s.scalars(select(Job).order_by(Job.id)))
+
+
+def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
+    node, workers, redis, orthanc, results, tmp = cluster
+    factory = InstanceFactory(seed=11)
+    port = node.config.node.port
+    ids = {name: w.worker_id() for name, w in workers.items()}
+    started = time.monotonic()
+    studies = [_send(factory, tmp / "in", port) for _ in range(8)]
+
+    def done() -> list[Job]:
+        return [j for j in _jobs(node) if j.state == JobState.DONE]
+
+    wait_for(lambda: len(done()) == 8, 90, 0.2, "the first 8 jobs")
+    by_worker = {name: sum(j.worker_id == wid for j in done()) for name, wid in ids.items()}
+    assert all(by_worker.values()), f"both workers should have processed some: {by_worker}"
+
+    # SIGKILL the WADO-RS worker in the middle of a job; the other finishes it.
+    studies += [_send(factory, tmp / "in", port) for _ in range(6)]
+    victim = workers["web"]
+
+    def held_by_victim() -> Job | None:
+        return next((j for j in _jobs(node) if j.state == JobState.RUNNING and j.worker_id == ids["web"]), None)
+
+    job = wait_for(held_by_victim, 60, 0.02, "a job running on the worker to kill")
+    victim.kill()
+    killed_at = time.monotonic()
+    wait_for(lambda: node.index.job(job.id).state == JobState.DONE, 60, 0.1, "the killed worker's job done elsewhere")
+    recovery = time.monotonic() - killed_at
+    assert node.index.job(job.id).worker_id == ids["shared"]
+    assert recovery < STALE_AFTER + 10, recovery
+
+    # Redis down for 10 s while more studies arrive; nothing is lost.
+    redis.stop()
+    outage_at = time.monotonic()
+    studies += [_send(factory, tmp / "in", port) for _ in range(STUDIES - len(studies))]
+    time.sleep(max(0.0, 10 - (time.monotonic() - outage_at)))
+    redis.start()
+    wait_for(lambda: len(done()) == STUDIES, 120, 0.5, "all 20 jobs done")
+    wait_for(lambda: not any(node.index.pending_deliveries().values()), 60, 0.5, "every result delivered")
+    total = time.monotonic() - started
+
+    for uid in studies:  # one SR and one SEG per study in the PACS
+        found = orthanc.instances_by_modality(uid)
+        assert len(found.get("SR", [])) == 1 and len(found.get("SEG", [])) == 1, (uid, found)
+    arrivals = results.arrivals()
+    groups, resent = duplicates(arrivals)
+    duplicated = {k: v for k, v in groups.items() if len(v) > 1}
+    assert not duplicated, duplicated
+    assert len(groups) == 2 * STUDIES
+    jobs = _jobs(node)
+    assert len(jobs) == STUDIES and all(j.state == JobState.DONE for j in jobs)
+    log = (tmp / "worker-shared.log").read_text(errors="replace")
+    requeued = [j.id for j in jobs if j.attempts > 1]
+    assert job.id in requeued
+    with node.index._session() as s:
+        from node.index import Transition
+
+        republished = s.scalars(select(Transition).where(Transition.entity == "job", Transition.reason.like("%silent%")))
+        stale_requeues = len(list(republished))
+    assert stale_requeues >= 1
+    report("scaleout", {
+        "studies": STUDIES, "sr_seg_pairs_in_orthanc": STUDIES, "arrivals_at_storescp": len(arrivals),
+        "same_uid_resends": resent, "duplicates": len(duplicated),
+        "jobs_by_worker": {n: sum(j.worker_id == w for j in jobs) for n, w in ids.items()},
+        "first_8_by_worker": by_worker, "sigkill_recovery_seconds": round(recovery, 2),
+        "stale_requeues": stale_requeues, "jobs_run_twice": requeued,
+        "dropped_messages_logged": log.count("message_dropped"), "wall_seconds": round(total, 1),
+    })
+    print(json.dumps({"sigkill_recovery_seconds": round(recovery, 2), "resent": resent}))
