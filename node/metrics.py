@@ -118,6 +118,11 @@ class Metrics:
             "ainode_worker_claim_seconds", "Time to claim a job row", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+        self.jobs_republished = Counter(
+            "ainode_jobs_republished",
+            "Queued jobs published again after the broker's visibility timeout without a claim (the broker lost them)",
+            registry=r,
+        )
         self.jobs_requeued_stale = Counter(
             "ainode_jobs_requeued_stale", "Running jobs taken back from a worker whose heartbeat went stale", registry=r
         )

@@ -124,6 +124,11 @@ class CeleryQueue(JobQueue):
                 break  # the broker is down: the rest wait for the next pass
             self.index.mark_published(job.id, queue)
             sent += 1
+            if job.enqueued_at is not None:  # published before, never claimed: the broker lost it
+                self.log.warning("job_republished", job_id=job.id, queue=queue, first_published=str(job.enqueued_at),
+                                 visibility_timeout=self.worker.celery.visibility_timeout_seconds)
+                if self.metrics is not None:
+                    self.metrics.jobs_republished.inc()
         for queue in sorted(unserved - self._unserved):
             self.log.warning("queue_unserved", queue=queue, detail="no live worker consumes it; its jobs stay queued")
         self._unserved = unserved
