@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools prometheus
+APT_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools prometheus redis-server rabbitmq-server docker-compose
 CONFIG ?= config/node.toml
 
 .PHONY: run test lint setup system-packages venv orthanc bench clean viewer viewer-deps browser-deps

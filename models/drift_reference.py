@@ -54,6 +54,8 @@ QUANTILES = 101
 #: Patient's Age, VR AS (PS3.5 Table 6.2-1): nnnD, nnnW, nnnM or nnnY.
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+#: Decimal places of a stored quantile, and of the values compared with it.
+DECIMALS = 6
 #: The category of a categorical attribute that is absent or empty.
 ABSENT = "(absent)"
 
@@ -195,7 +197,7 @@ def build_reference(samples: Sequence[Mapping[Any, str | float]], source: str) -
             arr = np.asarray([float(v) for v in vs if v is not None and math.isfinite(float(v))], dtype=np.float64)
             if arr.size:
                 q = np.quantile(arr, np.linspace(0.0, 1.0, QUANTILES))
-                features[feature] = FeatureReference(n=int(arr.size), quantiles=[round(float(x), 6) for x in q])
+                features[feature] = FeatureReference(n=int(arr.size), quantiles=[round(float(x), DECIMALS) for x in q])
     return DriftReference(source=source, n=len(samples), features=dict(sorted(features.items())))
 
 
@@ -224,7 +226,11 @@ def ks_statistic(observed: Sequence[float], reference_quantiles: Sequence[float]
     """Two-sample KS statistic (``scipy.stats.ks_2samp``, two-sided) between
     ``observed`` and the reference's quantiles: in [0, 1], the largest gap
     between the two empirical CDFs. The 101 quantiles stand for the reference
-    sample, which moves the statistic by at most about 0.01."""
+    sample, which moves the statistic by at most about 0.01. Both sides are
+    rounded to :data:`DECIMALS` places first, as the quantiles are stored, so
+    that a tie (0.143 mm as a DS string, 0.14300000000000002 from a float)
+    stays a tie."""
     from scipy.stats import ks_2samp
 
-    return float(ks_2samp(np.asarray(observed, float), np.asarray(reference_quantiles, float)).statistic)
+    return float(ks_2samp(np.round(np.asarray(observed, float), DECIMALS),
+                          np.round(np.asarray(reference_quantiles, float), DECIMALS)).statistic)

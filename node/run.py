@@ -155,6 +155,8 @@ class OutboxSink:
         self.queue = queue
 
     def deliver(self, job: JobView, results: list, timings: dict[str, float], note: str | None, worker_id: str | None) -> int:
+        if worker_id is not None and not self.queue.heartbeat(job.id, worker_id):  # lost: leave the outbox to the holder
+            raise ClaimLost(f"job {job.id} is no longer {worker_id}'s")
         t = time.perf_counter()
         stored = self.store(results, job.destinations)
         timings["write_outbox"] = time.perf_counter() - t

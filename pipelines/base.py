@@ -121,7 +121,8 @@ class PipelineContext:
     intended_use_warnings:
         The model card's intended-use rules the input is outside of and that
         the node is configured to process with a warning (:mod:`node.guard`),
-        one sentence each; the writers put them in the SR and mark the SEG's
+        one sentence each, starting with the rule's name (``frontal_view
+        (...): ViewPosition=LL``); the writers put them in the SR and mark the SEG's
         Series Description "OUT OF INTENDED USE". Empty: within it.
     observations:
         Filled by the pipeline: input-drift feature -> value for this job

@@ -463,6 +463,13 @@ def test_training_smoke_run_writes_a_loadable_card(tmp_path, n_cases):
     card = result.card
     assert result.card_path.is_file() and result.card_path.with_suffix(".md").is_file()
     assert card.training.hyperparameters["steps_run"] == 2
+    # Intended-use rules from the training volumes' grids (1 mm, 32 axial slices), named as the shipped card's.
+    rules = {r.name: r for r in card.intended_use_rules}
+    assert set(rules) == {r.name for r in ModelRegistry().card("brats-segresnet-demo").intended_use_rules}
+    assert rules["slice_thickness"].match["SliceThickness"].max == 1.5
+    assert (rules["pixel_spacing"].match["PixelSpacingMm"].min, rules["pixel_spacing"].match["PixelSpacingMm"].max) == (0.8, 1.2)
+    assert rules["slice_count"].match["NumberOfSlices"].min == int(32 * 0.65)
+    assert rules["sequence_flair"].applies_to == "FLAIR"
     assert (tmp_path / "ckpt" / "smoke-best.pt").is_file()
     held = [m for m in card.metrics if m.split.startswith("held-out")]
     assert sorted(m.name for m in held) == ["Dice ET", "Dice TC", "Dice WT"]

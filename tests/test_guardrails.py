@@ -154,17 +154,25 @@ def sr_comments(path: str) -> list[str]:
 
 def test_warn_processes_and_records_the_warning_in_envelope_input_has_none(start_node, tmp_path):
     node, pacs, cfg = start_node([CHEST_ROUTE], {})  # the default: warn
-    twelve_bit, inside = small_cr(PatientAge="045Y"), in_envelope_cr()
-    assert send(cfg, twelve_bit, inside) == [0x0000, 0x0000]
+    twelve_bit, inside, lateral = small_cr(PatientAge="045Y"), in_envelope_cr(), in_envelope_cr(ViewPosition="LL")
+    assert send(cfg, twelve_bit, inside, lateral) == [0x0000] * 3
     warned = wait_for(lambda: finished(node, twelve_bit.SeriesInstanceUID), 120, 0.2, "the 12-bit CR's job")
     clean = wait_for(lambda: finished(node, inside.SeriesInstanceUID), 120, 0.2, "the 8-bit CR's job")
+    side = wait_for(lambda: finished(node, lateral.SeriesInstanceUID), 120, 0.2, "the lateral view's job")
     assert warned.state == clean.state == JobState.DONE
+    # A lateral view is the guard's to decide, not the pipeline's (not_applicable): processed, with the warning.
+    assert side.state == JobState.DONE, (side.state, side.error)
+    paths = result_paths(node, side.id)
+    [comment] = sr_comments(paths["SR"])
+    assert comment.startswith("OUT OF INTENDED USE: frontal_view") and "ViewPosition=LL" in comment, comment
+    assert "bit_depth" not in comment  # 8-bit: only the view is outside
+    assert "OUT OF INTENDED USE" in pydicom.dcmread(paths["SEG"]).SeriesDescription
     assert len(node.index.job_results(warned.id)) == 2  # processed: a SEG and an SR
     [reason] = [r for r in job_reasons(node, twelve_bit.StudyInstanceUID) if r.startswith("2 results")]
     assert "out of intended use (warn): bit_depth" in reason and "BitsStored=12" in reason, reason
     [reason] = [r for r in job_reasons(node, inside.StudyInstanceUID) if r.startswith("2 results")]
     assert "intended use" not in reason
-    assert decisions(node) == {("pneumonia", "bit_depth", "warn"): 1.0}
+    assert decisions(node) == {("pneumonia", "bit_depth", "warn"): 1.0, ("pneumonia", "frontal_view", "warn"): 1.0}
     # The warned SR says why in its measurement group; both Series Descriptions say it.
     paths = result_paths(node, warned.id)
     [comment] = sr_comments(paths["SR"])

@@ -23,7 +23,7 @@ from node.metrics import Metrics
 from node.service import Node
 from tests.peers import free_port, wait_for
 from tests.test_dispatch import StoreSCP
-from tests.test_outcomes import small_cr
+from tests.test_outcomes import rgb_cr, small_cr
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "ainode.json"
 LATENCIES = ("complete", "job_start", "job_end", "delivered")
@@ -98,12 +98,13 @@ def test_metrics_of_a_running_node(running, tmp_path):
     free = total(before, "ainode_spool_free_bytes")
     assert abs(free - shutil.disk_usage(cfg.storage.spool_dir).free) < max(2**30, 0.1 * free)
 
-    # Three frontal images in one series (done: a SEG and an SR each), one lateral view (not_applicable).
+    # Three frontal images in one series (done: a SEG and an SR each), one colour image (not_applicable).
     study = generate_uid()
-    frontal_series, lateral_series = generate_uid(), generate_uid()
+    frontal_series = generate_uid()
     frontal = [small_cr(StudyInstanceUID=study, SeriesInstanceUID=frontal_series, InstanceNumber=i) for i in (1, 2, 3)]
-    lateral = small_cr(StudyInstanceUID=study, SeriesInstanceUID=lateral_series, SeriesNumber=2, ViewPosition="LL")
-    sent = [*frontal, lateral]
+    colour = rgb_cr()
+    colour.StudyInstanceUID, colour.SeriesInstanceUID, colour.SeriesNumber = study, generate_uid(), 2
+    sent = [*frontal, colour]
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)

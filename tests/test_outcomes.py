@@ -135,12 +135,11 @@ def finished(node: Node, series_uid: str):
 
 
 def test_valid_series_the_pipeline_does_not_read_end_not_applicable(node):
+    """(A lateral view is the intended-use guard's to decide: tests/test_guardrails.py.)"""
     n, pacs, cfg = node
     cases = {
         "colour": (rgb_cr(), "colour image (Samples per Pixel 3, Photometric Interpretation RGB)"),
         "multi-frame": (multiframe_cr(), "2 frames; a radiograph has one"),
-        "lateral": (small_cr(ViewPosition="LL"), "lateral view (View Position LL)"),
-        "LATERAL": (small_cr(ViewPosition="LATERAL"), "lateral view (View Position LATERAL)"),
         "SEG": (seg_object(), "Modality SEG is not CR or DX"),
         "localizer": (ct_localizer(), "Modality CT is not CR or DX"),
     }
@@ -203,6 +202,13 @@ def test_a_faulty_image_beside_not_applicable_ones_is_a_fault(pneumonia):
         pneumonia.run(study_of(lateral, empty), PipelineContext())
     with pytest.raises(PipelineNotApplicable, match="lateral view"):
         pneumonia.run(study_of(small_cr(ViewPosition="RL")), PipelineContext())
+    with pytest.raises(PipelineNotApplicable, match=r"lateral view \(View Position LATERAL\)"):
+        pneumonia.run(study_of(small_cr(ViewPosition="LATERAL")), PipelineContext())
+    # Let through by the guard with a warning (the card's frontal_view rule): read, the SR says so.
+    warned = PipelineContext(intended_use_warnings=("frontal_view (a frontal view): ViewPosition=LL",))
+    results = pneumonia.run(study_of(small_cr(ViewPosition="LL")), warned)
+    assert [r.Modality for r in results] == ["SEG", "SR"]
+    assert "OUT OF INTENDED USE" in results[1].SeriesDescription
     # A lateral view beside a frontal one: the frontal one is read, the lateral skipped.
     results = pneumonia.run(study_of(small_cr(), small_cr(ViewPosition="LL")), PipelineContext())
     assert [r.Modality for r in results] == ["SEG", "SR"]

@@ -223,3 +223,18 @@ def test_train_smoke_writes_a_loadable_card(tmp_path):
     model = PneumoniaModel(reg, "smoke")
     r = model.predict_dataset(_rg1(), cam=False)
     assert 0.0 <= r.probability <= 1.0
+    # The card's intended-use rules: the training split's envelope, as the shipped card declares it.
+    from node.config.guard import GuardSettings
+    from node.guard import evaluate
+    from pipelines.base import Study
+
+    rules = {r.name: r for r in card.intended_use_rules}
+    assert list(rules) == [r.name for r in ModelRegistry().card("pneumonia-densenet121-demo").intended_use_rules]
+    assert set(rules["frontal_view"].match["ViewPosition"]) <= {"PA", "AP"}
+    assert rules["bit_depth"].match["BitsStored"] == ["8"]  # 8-bit PNGs
+    spacing = rules["pixel_spacing"].match["PixelSpacingMm"]
+    assert spacing.min <= 0.139 and spacing.max >= 0.194  # labels.csv's detector spacings lie within
+    ds = _rg1()
+    ds.Modality, ds.ViewPosition, ds.PatientAge, ds.BitsStored = "DX", "LL", "045Y", 8
+    found = evaluate(card, Study(ds.StudyInstanceUID, {ds.SeriesInstanceUID: [ds]}), GuardSettings())
+    assert "frontal_view" in {d.rule for d in found} and "bit_depth" not in {d.rule for d in found}

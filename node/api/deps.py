@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from node.dispatch import Dispatcher
     from node.index import Index
     from node.monitor import DestinationMonitor
+    from node.queue import JobQueue
     from node.receive import Receiver
     from node.retention import Retention
     from node.route import Router
@@ -34,6 +35,7 @@ class NodeLike(Protocol):
     index: Index
     spool: Spool
     runner: Runner
+    queue: JobQueue  # [worker] backend (node.queue)
     dispatcher: Dispatcher
     router: Router
     retention: Retention

@@ -72,6 +72,7 @@ def models_reference(
     data: Annotated[Path, typer.Option(help="Folder of DICOM studies, or (chest) of PNG images with labels.csv.")],
     pipeline: Annotated[str | None, typer.Option(help="Pipeline that runs the card (default: from the card's task).")] = None,
     exclude_training: Annotated[bool, typer.Option(help="PNG folder: leave out the card's training members.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: [worker] torch_threads).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Compute the card's input-drift reference from data, without retraining, and write it into the card.
@@ -102,6 +103,10 @@ def models_reference(
     models = ModelRegistry() if shipped else ModelRegistry([card_path.resolve().parent], include_shipped=False)
     settings = getattr(cfg.pipelines, name).model_copy(update={"model": card.name})
     device = resolve_device(cfg.worker.device)
+    if threads or cfg.worker.torch_threads:
+        import torch
+
+        torch.set_num_threads(threads or cfg.worker.torch_threads)
     pngs = sorted((data / "images").glob("*.png")) + sorted(data.glob("*.png"))
     if pngs and name == "pneumonia":
         from pipelines.pneumonia.model import PneumoniaModel

@@ -153,6 +153,7 @@ def run_offline(
         ctx = PipelineContext(
             uid_prefix=cfg.node.uid_prefix,
             device=resolve_device(cfg.worker.device),
+            precision=str(cfg.worker.precision),
             log=structlog.get_logger("ainode.run").bind(study_uid=study.study_instance_uid, input=label),
         )
         t = time.perf_counter()

@@ -146,7 +146,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         # Drop pydantic's discriminator-tag segments ("dicom", "dicomweb") only when they repeat the kind.
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        secret = re.search(r"password|token|secret|auth|tls", loc)  # never echo a secret (or a misspelt one)
+        secret = re.search(r"password|token|secret|auth|tls|broker", loc)  # never echo a secret (or a misspelt one)
         shown = "" if secret or isinstance(got, dict | list) or got is None else f" (got {got!r})"
         lines.append(f"  {loc or '<root>'}: {msg}{shown}")
     return "\n".join(lines)

@@ -92,7 +92,7 @@ class CelerySection(_Section):
         7200, gt=0, description="Redis re-delivers an unacknowledged message after this: longer than the slowest job.",
     )
     job_time_limit_seconds: float = Field(
-        3600, gt=0, description="A job still running after this is stopped and failed (Celery's hard time limit).",
+        3600, gt=0, description="A job still running after this is failed and its worker process exits, to be restarted.",
     )
     max_retries: int = Field(3, ge=0, le=20, description="Retries of a task whose index or node call failed transiently.")
     retry_backoff_seconds: float = Field(2.0, gt=0, description="First retry delay; doubles each time, at most 60 s.")

@@ -48,12 +48,13 @@ class QueueQueries(JobQueries, IndexCore):
         """Refresh the heartbeat of a job ``worker_id`` holds; False when it
         no longer holds it (the sweep queued it again): stop and drop it."""
         with self._write_lock, self._session.begin() as s:
-            n = s.execute(
+            held = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
                 .values(heartbeat_at=utcnow())
-            ).rowcount
-            return bool(n)
+                .returning(Job.id)
+            ).first()
+            return held is not None
 
     def release_job(self, job_id: int, worker_id: str, reason: str, *, republish: bool = True) -> bool:
         """A worker gives a job back: ``running -> queued``. With

@@ -156,6 +156,7 @@ class Replay:
         failed, written = [], []
         for label, study in inputs:
             ctx = PipelineContext(uid_prefix=self.config.node.uid_prefix, device=resolve_device(self.config.worker.device),
+                                  precision=str(self.config.worker.precision),
                                   log=self.log.bind(study_uid=study.study_instance_uid, input=label))
             try:
                 results = self.pipelines.get(self.run.pipeline).run(study, ctx)

@@ -36,13 +36,15 @@ from pipelines.base import PipelineInputError, Study
 TIMEOUT = (5.0, 300.0)
 
 
-def _client(config: NodeConfig, extra_headers: dict[str, str] | None = None, **prefixes: str) -> DICOMwebClient:
+def _client(config: NodeConfig, extra_headers: dict[str, str] | None = None, *, wado: str | None = None,
+            stow: str | None = None) -> DICOMwebClient:
     w = config.worker
     session = requests.Session()
     if w.node_ca_file is not None:
         session.verify = str(w.node_ca_file)
     headers = {"Authorization": f"Bearer {w.node_token.get_secret_value()}"} if w.node_token else {}
-    return DICOMwebClient(f"{w.node_url}", session=session, headers=headers | (extra_headers or {}), timeout=TIMEOUT, **prefixes)
+    return DICOMwebClient(f"{w.node_url}", session=session, headers=headers | (extra_headers or {}), timeout=TIMEOUT,
+                          wado_url_prefix=wado, stow_url_prefix=stow)
 
 
 def _transient(exc: requests.RequestException) -> bool:
@@ -62,7 +64,7 @@ class DicomwebSource:
     """
 
     def __init__(self, config: NodeConfig):
-        self.client = _client(config, wado_url_prefix="dicom-web")
+        self.client = _client(config, wado="dicom-web")
 
     def load(self, job: JobView) -> Study:
         series_uids = [job.series_uid] if job.series_uid else list(dict.fromkeys(job.roles.values()))
@@ -97,7 +99,7 @@ class StowSink:
 
     def deliver(self, job: JobView, results: list, timings: dict[str, float], note: str | None, worker_id: str | None) -> int:
         headers = {"X-Ainode-Worker": worker_id or "", "X-Ainode-Timings": json.dumps(timings), "X-Ainode-Note": json.dumps(note)}
-        client = _client(self.config, headers, stow_url_prefix=f"api/jobs/{job.id}/results")
+        client = _client(self.config, headers, stow=f"api/jobs/{job.id}/results")
         try:
             answer = client.store_instances(results)
         except requests.RequestException as exc:

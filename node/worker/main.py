@@ -5,13 +5,15 @@ stay loaded in the process that runs them (a ``prefork`` child would load
 its own copy, and a CUDA context does not survive a fork), so a machine
 runs one process per GPU, and CPU machines scale by process count
 (``ainode-worker@N`` units, deploy/systemd). SIGTERM is Celery's warm
-shutdown: the current job finishes, then the process exits; a second
-SIGTERM or SIGQUIT stops at once, and the job is given back
-(:meth:`WorkerRuntime.close`) or, after a SIGKILL, taken back by the node's
-stale sweep.
+shutdown: the current job finishes, then the process exits; SIGQUIT is a
+cold shutdown, and the interrupted job is given back
+(:meth:`WorkerRuntime.handle`); after a SIGKILL the node's stale sweep
+takes it back.
 """
 
 from __future__ import annotations
+
+import socket
 
 from celery import Celery, Task
 
@@ -52,7 +54,8 @@ def serve_metrics(runtime: WorkerRuntime) -> None:
 
     w = runtime.config.worker
     server, _ = start_http_server(w.metrics_port, addr=w.metrics_bind, registry=runtime.metrics.registry)
-    runtime.metrics_url = f"http://{w.metrics_bind}:{server.server_port}/metrics"
+    host = socket.getfqdn() if w.metrics_bind in ("0.0.0.0", "::") else w.metrics_bind  # an address others can scrape
+    runtime.metrics_url = f"http://{host}:{server.server_port}/metrics"
 
 
 def run_worker(config: NodeConfig, pipelines: list[str], queues: list[str], *, loglevel: str = "INFO") -> None:

@@ -13,10 +13,17 @@ job it runs, its heartbeats and its announcement (:mod:`node.index.queue`).
 3. meanwhile a thread refreshes the job's heartbeat every
    ``heartbeat_seconds``, and the worker's own row, so the node's sweep
    takes back only the jobs of workers that died.
+
+The same thread is the job time limit: Celery's ``solo`` pool does not
+enforce ``task_time_limit``, so a job still running after
+``job_time_limit_seconds`` is failed with that reason and the process
+exits (status 70) for its supervisor to restart; its unacknowledged message
+is dropped when it comes back, the job being ``failed``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -30,6 +37,9 @@ from node.metrics import Metrics
 from node.queue.base import JobQueue
 from node.run import OutboxSink, ResultSink, Runner, SpoolSource, StudySource, TransientJobError, default_worker_id
 from node.spool import Spool
+
+#: Exit status of a worker that stopped a job over its time limit (EX_SOFTWARE).
+EXIT_TIME_LIMIT = 70
 
 
 class WorkerQueue(JobQueue):
@@ -71,6 +81,7 @@ class WorkerRuntime:
         )
         self.loaded: dict[str, str] = {}
         self.current: int | None = None
+        self.current_since = 0.0
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -133,6 +144,20 @@ class WorkerRuntime:
                     self.log.warning("job_claim_lost", job_id=job_id, detail="the node gave it to another worker")
             except Exception as exc:  # the index is down: the node's sweep decides, not us
                 self.log.warning("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+            self._enforce_time_limit()
+
+    def _enforce_time_limit(self) -> None:
+        """Fail the current job and exit when it ran past ``job_time_limit_seconds``."""
+        job_id, limit = self.current, self.config.worker.celery.job_time_limit_seconds
+        if job_id is None or time.monotonic() - self.current_since <= limit:
+            return
+        reason = f"the job ran past job_time_limit_seconds ({limit:g} s); its worker stopped it and exited"
+        self.log.error("job_time_limit_exceeded", job_id=job_id, limit=limit)
+        try:
+            self.index.fail_job(job_id, reason, state=JobState.FAILED, worker_id=self.worker_id)
+        except Exception as exc:
+            self.log.error("job_fail_unrecorded", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        os._exit(EXIT_TIME_LIMIT)
 
     # -- messages --------------------------------------------------------------------
 
@@ -157,11 +182,18 @@ class WorkerRuntime:
             self.metrics.messages_dropped.inc()
             return None
         self.metrics.claim_seconds.observe(time.perf_counter() - t)
-        self.current = job.id
+        self.current, self.current_since = job.id, time.monotonic()
         try:
-            return self.runner.run_job(job)
-        finally:
+            state = self.runner.run_job(job)
+        except Exception:
             self.current = None
+            raise
+        except BaseException:  # a shutdown interrupted the job: give it back now
+            self.release(job.id, "the worker stopped before the job ended", republish=True)
+            self.current = None
+            raise
+        self.current = None
+        return state
 
     def release(self, job_id: int, reason: str, *, republish: bool) -> None:
         """Give a claimed job back to ``queued`` (logged; never raises)."""

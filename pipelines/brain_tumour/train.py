@@ -87,7 +87,7 @@ from models.card import Metric, ModelCard
 from models.registry import ModelRegistry
 from models.segresnet import build_segresnet, spatial_multiple
 from pipelines.brain_tumour.model import BrainTumourModel
-from pipelines.brain_tumour.train_card import demo_card, evaluate, render_card_markdown
+from pipelines.brain_tumour.train_card import demo_card, evaluate, intended_use_rules, render_card_markdown
 from pipelines.brain_tumour.train_data import CHANNELS, BratsCase, find_brats_cases, load_item, plan_held_out
 from pipelines.brain_tumour.train_loop import augmentation, optimise, validate
 from pipelines.common.training import (
@@ -285,8 +285,10 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
     # ---- write weights (float16 keeps the file small) and a provisional card, then evaluate through it
     weights_path, sha = save_float16_weights(run.best_state, out, config.name)
 
+    rules = intended_use_rules(cases)  # the envelope of the training volumes, for the node's guard
+
     def make_card(metrics: list[Metric], wall: float) -> ModelCard:
-        return demo_card(config, params, sha, weights_path, metrics, wall, plan, run, len(cases), skipped)
+        return demo_card(config, params, sha, weights_path, metrics, wall, plan, run, len(cases), skipped, rules)
 
     card_path = out / "cards" / f"{config.name}.json"
     make_card([], time.monotonic() - t_start).to_file(card_path)

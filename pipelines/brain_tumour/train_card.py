@@ -13,6 +13,7 @@ import numpy as np
 from models.card import (
     Architecture,
     DataSplit,
+    IntendedUseRule,
     Licence,
     Metric,
     ModelCard,
@@ -23,6 +24,7 @@ from models.card import (
     VolumeInputSpec,
     Weights,
 )
+from models.intended_use import RuleRange
 from pipelines.brain_tumour.model import BrainTumourModel, region_masks
 from pipelines.brain_tumour.train_data import (
     BRATS_REGIONS,
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from pipelines.brain_tumour.train import TrainConfig
     from pipelines.brain_tumour.train_loop import LoopResult
 
-__all__ = ["demo_card", "evaluate", "render_card_markdown"]
+__all__ = ["demo_card", "evaluate", "intended_use_rules", "render_card_markdown"]
 
 log = logging.getLogger("pipelines.brain_tumour.train")
 
@@ -99,6 +101,58 @@ def evaluate(runner: BrainTumourModel, cases: list[BratsCase], slabs: dict[str, 
     return metrics
 
 
+#: How far the intended use reaches beyond the training grid: slices up to 1.5 x the thickest
+#: training slice spacing, in-plane voxels within 0.8-1.2 x the training ones, at least 65 % of
+#: the fewest slices of a training volume (1 mm BraTS: 1.5 mm, 0.8-1.2 mm, 100 slices).
+THICKNESS_FACTOR, PIXEL_FACTORS, SLICES_SHARE = 1.5, (0.8, 1.2), 0.65
+_ROLE_WORDS = {"T1": "a pre-contrast T1-weighted", "T1c": "a post-contrast T1-weighted", "T2": "a T2-weighted",
+               "FLAIR": "a T2 FLAIR"}
+
+
+def _grid(path: Path) -> tuple[float, tuple[float, float], int]:
+    """(slice spacing mm, in-plane spacings mm, slices) of a NIfTI volume from
+    its header: the slice axis is the index axis closest to the patient's
+    superior-inferior one (an axial series, as the DICOM conversion writes)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    spacing, size = reader.GetSpacing(), reader.GetSize()
+    k = int(np.argmax(np.abs(np.asarray(reader.GetDirection()).reshape(3, 3)[2])))
+    inplane = tuple(float(spacing[i]) for i in range(3) if i != k)
+    return float(spacing[k]), (inplane[0], inplane[1]), int(size[k])
+
+
+def intended_use_rules(cases: list[BratsCase]) -> list[IntendedUseRule]:
+    """The card's ``intended_use_rules`` (:mod:`node.guard`) from the training
+    cases' grids (each case's first sequence; load_case checks they share
+    one): MR, slice thickness, in-plane spacing and slice count near the
+    training volumes' (:data:`THICKNESS_FACTOR` etc.), and one MR series per
+    sequence role, as the shipped demo card declares them."""
+    grids = [_grid(c.images[CHANNELS[0]]) for c in cases]
+    thick = max(g[0] for g in grids)
+    pixels = [s for g in grids for s in g[1]]
+    slices = min(g[2] for g in grids)
+    low, high = round(min(pixels) * PIXEL_FACTORS[0], 3), round(max(pixels) * PIXEL_FACTORS[1], 3)
+    seen = f"the {len(cases)} training volume(s)"
+    rules = [
+        IntendedUseRule(name="mr", description="MR series (the training volumes were MR)", match={"Modality": ["MR"]}),
+        IntendedUseRule(name="slice_thickness", description=f"thin slices (Slice Thickness {thick * THICKNESS_FACTOR:g} "
+                        f"mm or less): {seen} had {thick:g} mm slices, skull-stripped and co-registered",
+                        match={"SliceThickness": RuleRange(max=round(thick * THICKNESS_FACTOR, 3))}),
+        IntendedUseRule(name="pixel_spacing", description=f"in-plane voxels of {low:g} to {high:g} mm (Pixel Spacing); "
+                        f"{seen}: {min(pixels):g}-{max(pixels):g} mm", match={"PixelSpacingMm": RuleRange(min=low, max=high)}),
+        IntendedUseRule(name="slice_count", description=f"whole-brain coverage (at least {int(slices * SLICES_SHARE)} "
+                        f"slices per series); {seen} had {slices} or more",
+                        match={"NumberOfSlices": RuleRange(min=int(slices * SLICES_SHARE))}),
+    ]
+    rules += [IntendedUseRule(name=f"sequence_{role.lower()}", description=f"{_ROLE_WORDS.get(role, 'an')} MR series "
+                              f"fills the {role} role (the training channels {', '.join(CHANNELS)})",
+                              match={"Modality": ["MR"]}, applies_to=role) for role in CHANNELS]
+    return rules
+
+
 def _data_description(config: TrainConfig, n_cases: int, skipped: list[str], single: bool) -> str:
     """The card's ``training_data.description``."""
     return (
@@ -153,8 +207,10 @@ def demo_card(
     run: LoopResult,
     n_cases: int,
     skipped: list[str],
+    rules: list[IntendedUseRule] | None = None,
 ) -> ModelCard:
-    """The demonstration weights' model card (``metrics`` empty for the provisional one)."""
+    """The demonstration weights' model card (``metrics`` empty for the provisional one;
+    ``rules``: its :func:`intended_use_rules`)."""
     single = plan.mode == "slab"
     split_method, members = plan.method, plan.members
     data_desc = _data_description(config, n_cases, skipped, single)
@@ -194,6 +250,7 @@ def demo_card(
             + ", at a coarse voxel size. For real use import the MONAI brats_mri_segmentation bundle "
             "(models/templates/brats_mri_segmentation.json, python -m models.bundle_import)."
         ),
+        intended_use_rules=rules or [],
         demonstration_only=True,
         training_data=TrainingData(
             description=data_desc,

@@ -14,9 +14,16 @@ For each frontal CR/DX image of the series the pipeline returns:
   on the source image, holding the probability, the operating threshold and
   the finding Pneumonia present/absent.
 
-Lateral views, colour and multi-frame images, localizers and objects that
-are not CR/DX images (a SEG or SR a broad rule routed) are skipped; a series
-with nothing else ends with :class:`PipelineNotApplicable`. A series with no
+Colour and multi-frame images, localizers and objects that are not CR/DX
+images (a SEG or SR a broad rule routed) are skipped; a series with nothing
+else ends with :class:`PipelineNotApplicable`. A lateral view is the model
+card's business when the card has a rule over View Position (0018,5101)
+(the demo card's ``frontal_view``): refused by the node's intended-use guard
+(``out_of_scope``) before the pipeline runs, or let through with a warning
+that :attr:`PipelineContext.intended_use_warnings` names, and then read like
+a frontal one, the SR and SEG saying OUT OF INTENDED USE. Otherwise (no such
+rule, or no guard, as in ``ainode run``) it is skipped as before, never
+processed silently. A series with no
 usable image and a faulty one (no or empty Pixel Data) fails with
 :class:`PipelineInputError`.
 """
@@ -44,10 +51,11 @@ _DEFAULT_THRESHOLD = 0.5
 _LOG = structlog.get_logger("pipelines")
 
 
-def _unusable(ds: Dataset) -> tuple[type[Exception], str] | None:
+def _unusable(ds: Dataset, lateral_warned: bool = False) -> tuple[type[Exception], str] | None:
     """Why the model does not read ``ds`` (see :meth:`PneumoniaPipeline.select_images`),
     or None. What the header says about a valid image comes first, so a
-    lateral view without pixels is "not applicable", not "faulty"."""
+    lateral view without pixels is "not applicable", not "faulty".
+    ``lateral_warned``: the guard let a lateral view through with a warning."""
     modality = str(ds.get("Modality", "")).upper()
     if modality not in ("CR", "DX"):
         return PipelineNotApplicable, f"Modality {modality or 'absent'} is not CR or DX"
@@ -65,7 +73,7 @@ def _unusable(ds: Dataset) -> tuple[type[Exception], str] | None:
     if frames != 1:
         return PipelineNotApplicable, f"{frames} frames; a radiograph has one"
     view = str(ds.get("ViewPosition", "") or "").upper()
-    if view in _LATERAL_VIEWS:
+    if view in _LATERAL_VIEWS and not lateral_warned:
         return PipelineNotApplicable, f"lateral view (View Position {view}); the model reads frontal views"
     if "PixelData" not in ds:
         return PipelineInputError, "Pixel Data (7FE0,0010) is absent"
@@ -100,6 +108,8 @@ class PneumoniaPipeline:
         self.settings = settings
         self.model = PneumoniaModel(registry, settings.model, device)
         card = self.model.card
+        #: The card's intended-use rules over View Position: the guard's to decide on a lateral view.
+        self.view_rules = frozenset(r.name for r in card.intended_use_rules if "ViewPosition" in r.match)
         self.threshold = (
             settings.threshold if settings.threshold is not None else (self.model.threshold or _DEFAULT_THRESHOLD)
         )
@@ -117,8 +127,13 @@ class PneumoniaPipeline:
         """The study's single-frame grey-scale CR/DX images that are not lateral views."""
         return self.select_images(study, log)[0]
 
-    def select_images(self, study: Study, log: Any = _LOG) -> tuple[list[Dataset], list[tuple[type[Exception], str]]]:
+    def select_images(
+        self, study: Study, log: Any = _LOG, warnings: tuple[str, ...] = ()
+    ) -> tuple[list[Dataset], list[tuple[type[Exception], str]]]:
         """Split the study into images this model reads and the others.
+
+        ``warnings``: :attr:`PipelineContext.intended_use_warnings`; a lateral
+        view is read when one of them names a View Position rule of the card.
 
         Returns
         -------
@@ -130,8 +145,9 @@ class PneumoniaPipeline:
         """
         images: list[Dataset] = []
         skipped: list[tuple[type[Exception], str]] = []
+        warned = {w.split(" ", 1)[0] for w in warnings}  # each warning starts with its rule's name
         for ds in study.datasets:
-            why = _unusable(ds)
+            why = _unusable(ds, lateral_warned=bool(self.view_rules & warned))
             if why is None:
                 images.append(ds)
                 continue
@@ -144,7 +160,8 @@ class PneumoniaPipeline:
 
         Returns
         -------
-        ``[SEG, SR]`` per frontal image, in the series' order.
+        ``[SEG, SR]`` per frontal image (and lateral view the guard let
+        through with a warning), in the series' order.
 
         Raises
         ------
@@ -157,7 +174,7 @@ class PneumoniaPipeline:
             names the image and the attribute).
         """
         log = context.log
-        images, skipped = self.select_images(study, log)
+        images, skipped = self.select_images(study, log, context.intended_use_warnings)
         if not images:
             faults = [why for kind, why in skipped if kind is PipelineInputError]
             reasons = "; ".join(dict.fromkeys(faults or [why for _, why in skipped]))

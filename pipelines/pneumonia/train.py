@@ -66,7 +66,7 @@ from pipelines.common.training import (
     save_float16_weights,
     write_card,
 )
-from pipelines.pneumonia.train_data import NIH_FINDINGS
+from pipelines.pneumonia.train_data import NIH_FINDINGS, intended_use_rules
 from pipelines.pneumonia.train_loop import Prepared, StageTrainer, predict, prepare_data
 from pipelines.pneumonia.train_metrics import (
     auroc,
@@ -339,6 +339,9 @@ def _model_card(
             "pneumonia) at low resolution; the measured AUROC has a wide interval and is far below published models. "
             "For real use import torchxrayvision's densenet121-res224-rsna weights (see models/cards/README.md)."
         ),
+        # The envelope of the training split's images, for the node's intended-use guard.
+        intended_use_rules=intended_use_rules(config.data_dir, [data.rec.image_ids[i] for i in idx["train"]],
+                                              spec.modalities),
         demonstration_only=True,
         training_data=_training_data(config, data),
         training=TrainingRun(

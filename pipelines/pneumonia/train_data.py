@@ -13,8 +13,9 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from models.densenet import XRV_LABELS
+from models.intended_use import IntendedUseRule, RuleRange
 
-__all__ = ["NIH_FINDINGS", "read_labels", "split_by_patient"]
+__all__ = ["NIH_FINDINGS", "intended_use_rules", "read_labels", "split_by_patient"]
 
 #: The 14 ChestX-ray14 findings (``Finding Labels``); all are torchxrayvision labels.
 NIH_FINDINGS: tuple[str, ...] = (
@@ -101,3 +102,71 @@ def split_by_patient(
         rest, test_size=val_fraction / (1 - test_fraction), stratify=strat_rest, random_state=seed + 1
     )
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+# --------------------------------------------------------------------------- intended use
+
+#: Bits per sample of a PNG by its PIL mode (what a DICOM wrapping stores as Bits Stored).
+_PNG_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "I;16": 16, "I;16B": 16, "I": 32}
+#: The adult rule's age, and the share of training images of adults above which it applies.
+ADULT_YEARS, ADULT_SHARE = 18, 0.95
+#: Detector pixel spacings (mm) always in the envelope: whole-chest radiographs, which the
+#: pipeline resamples to square pixels and downscales to the network size.
+SPACING_FLOOR_MM, SPACING_CEILING_MM = 0.1, 1.0
+
+
+def intended_use_rules(data_dir: Path, image_ids: Sequence[str], modalities: Sequence[str]) -> list[IntendedUseRule]:
+    """The model card's ``intended_use_rules`` (:mod:`node.guard`): the
+    envelope of the training images ``image_ids``, read from ``labels.csv``
+    (View Position, Patient Age, OriginalImagePixelSpacing) and the PNG
+    headers (bit depth), as the shipped demo card declares it: a CR/DX chest
+    image, the views seen, adults (when at least ``ADULT_SHARE`` of the
+    images are; else the youngest age seen), the detector spacings seen
+    (within at least 0.1-1.0 mm), the bit depths seen, grey scale.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``labels.csv`` or an image is missing.
+    """
+    from PIL import Image
+
+    wanted = set(image_ids)
+    rows = [r for r in csv.DictReader((Path(data_dir) / "labels.csv").open(newline="", encoding="utf-8"))
+            if r["Image Index"] in wanted]
+    views = sorted({r["View Position"].strip().upper() for r in rows if r.get("View Position", "").strip()})
+    ages = [int(r["Patient Age"]) for r in rows if str(r.get("Patient Age", "")).strip().isdigit()]
+    # The header "OriginalImagePixelSpacing[x,y]" is unquoted: csv reads it as two columns.
+    spacings = [float(r[k]) for r in rows for k in ("OriginalImagePixelSpacing[x", "y]") if (r.get(k) or "").strip()]
+    bits = set()
+    for name in sorted(wanted):
+        with Image.open(Path(data_dir) / "images" / name) as im:  # the header only
+            bits.add(_PNG_BITS.get(im.mode, 8))
+    n = len(rows)
+    adult = sum(a >= ADULT_YEARS for a in ages)
+    min_age = ADULT_YEARS if ages and adult >= ADULT_SHARE * len(ages) else min(ages, default=0)
+    low = min([SPACING_FLOOR_MM, *spacings])
+    high = max([SPACING_CEILING_MM, *spacings])
+    seen_spacing = f"{min(spacings):.3f}-{max(spacings):.3f} mm" if spacings else "not recorded"
+    return [
+        IntendedUseRule(name="chest_radiograph", description=f"a chest radiograph ({' or '.join(modalities)}, Body "
+                        "Part Examined CHEST or absent), as the ChestX-ray14 training images",
+                        match={"Modality": list(modalities), "BodyPartExamined": ["CHEST", ""]}),
+        IntendedUseRule(name="frontal_view", description=f"a frontal view (View Position {' or '.join(views)}), never "
+                        f"a lateral one: the {n} training images were {' and '.join(views)} only",
+                        match={"ViewPosition": views or ["PA", "AP"]}),
+        IntendedUseRule(name="adult", description=f"Patient's Age {min_age:g} years or more, when given: {adult} of "
+                        f"the {len(ages)} training images were of adults (ages {min(ages, default=0)}-"
+                        f"{max(ages, default=0)})", match={"PatientAgeInYears": RuleRange(min=min_age)},
+                        absent="in_scope"),
+        IntendedUseRule(name="pixel_spacing", description=f"Pixel Spacing or Imager Pixel Spacing {low:g} to {high:g} mm, "
+                        f"when given (training originals: {seen_spacing}); the pipeline resamples to square pixels "
+                        "and downscales to the network size", match={"PixelSpacingMm": RuleRange(min=low, max=high)},
+                        absent="in_scope"),
+        IntendedUseRule(name="bit_depth", description=f"Bits Stored {' or '.join(map(str, sorted(bits)))}: the training "
+                        "images were PNGs of that depth, downscaled from ChestX-ray14",
+                        match={"BitsStored": [str(b) for b in sorted(bits)]}),
+        IntendedUseRule(name="grey_scale", description="a grey-scale image (Photometric Interpretation MONOCHROME2, as "
+                        "the grey-scale training PNGs, or MONOCHROME1, which the pipeline inverts)",
+                        match={"PhotometricInterpretation": ["MONOCHROME2", "MONOCHROME1"]}),
+    ]

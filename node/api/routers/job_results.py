@@ -82,6 +82,8 @@ async def store_job_results(job_id: int, request: Request, node: NodeDep, caller
 
 
 def _record(node, job_id: int, datasets: list[Dataset], timings: dict, note: str | None, worker_id: str) -> int:
+    if not node.index.heartbeat_job(job_id, worker_id):  # lost meanwhile: leave the outbox to the holder
+        raise ClaimLost(f"job {job_id} is no longer {worker_id}'s")
     job = node.index.job(job_id)
     destinations = tuple(filter(None, job.destinations.split(",")))
     stored = node.runner.store_results(datasets, destinations)
