@@ -193,6 +193,7 @@ class Mode:
         self.send(n)
         sent_s = (utcnow() - t0).total_seconds()
         jobs = self._wait_done(before + n, 60 + 30 * n)[before:]
+        load_1min = os.getloadavg()[0]  # other work on the machine shares its cores
         end = max(j.finished_at for j in jobs)
         seconds = (end - t0).total_seconds()
         gaps: list[float] = []
@@ -202,7 +203,7 @@ class Mode:
         job_s = [(j.finished_at - j.started_at).total_seconds() for j in jobs]
         return {
             "studies": n, "seconds": round(seconds, 2), "send_seconds": round(sent_s, 2),
-            "studies_per_minute": round(60 * n / seconds, 1),
+            "studies_per_minute": round(60 * n / seconds, 1), "load_average_1min": round(load_1min, 2),
             "job_seconds_median": round(statistics.median(job_s), 3),
             "gap_between_jobs": _ms(gaps),
             "jobs_by_worker": sorted((sum(j.worker_id == w for j in jobs) for w in {j.worker_id for j in jobs}), reverse=True),

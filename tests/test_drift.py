@@ -236,3 +236,76 @@ def test_chest_gauges_stay_flat_in_distribution_and_move_for_shifted_input(chest
     # The preprocessing undoes the bit depth and the inversion: the network sees the same images.
     for feature in ("intensity_mean", "intensity_std", "score"):
         assert moved[feature] is not None and moved[feature] < 0.3, (feature, moved[feature])
+
+
+# ---------------------------------------------------------------------------- through a running node
+
+
+def test_a_running_node_reports_drift_of_its_jobs(node_config):
+    """Four jobs through the real node (SCP, sweep, router, runner, the demo
+    chest model): two 8-bit CRs as the card's reference, then two 12-bit
+    ones; ``ainode_input_drift{feature="bits_stored"}`` goes from 0 to a PSI
+    above the threshold, and the dashboard's table says so."""
+    from node.api.routers.drift import drift_report
+    from node.service import Node
+    from tests.peers import free_port, wait_for
+    from tests.test_dispatch import StoreSCP
+    from tests.test_guardrails import CHEST_ROUTE, in_envelope_cr
+    from tests.test_outcomes import finished, send, small_cr
+
+    pacs = StoreSCP(free_port()).start()
+    cfg = node_config(
+        node={"bind_address": "127.0.0.1", "port": free_port()}, storage={"fsync": False},
+        completion={"sweep_interval_seconds": 0.2, "series_idle_seconds": 30, "complete_on_release": True},
+        routes=[CHEST_ROUTE], destinations={"pacs": {"kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
+        api={"enabled": False}, drift={"window": 10, "min_count": 2},
+    )
+    node = Node(cfg)
+    if not hasattr(node.runner, "drift"):
+        pacs.stop()
+        pytest.skip("node/run.py does not call DriftMonitor.observe yet (the Runner has no .drift)")
+    node.start()
+    try:
+        def run(*datasets):
+            assert send(cfg, *datasets) == [0] * len(datasets)
+            assert wait_for(lambda: all(finished(node, ds.SeriesInstanceUID) for ds in datasets), 120)
+
+        run(in_envelope_cr(), in_envelope_cr())
+        [inside] = drift_report(node)
+        rows = {f.feature: f for f in inside.features}
+        # Synthetic 64 x 64 images are unlike ChestX-ray14 in intensity and view: only their bit depth is compared here.
+        assert inside.jobs == 2 and rows["bits_stored"].value == 0.0 and not rows["bits_stored"].alert, inside
+        labels = {"pipeline": "pneumonia", "model_version": inside.model_version, "feature": "bits_stored"}
+        assert node.metrics.registry.get_sample_value("ainode_input_drift_alert", labels) == 0
+        run(small_cr(), small_cr())  # 12-bit
+        [after] = drift_report(node)
+        psi_value = node.metrics.registry.get_sample_value("ainode_input_drift", {**labels, "statistic": "psi"})
+        # 2 of 4 at "12" against 0 % (floored at 1e-4): (0.5 - 1e-4) ln(5000) + (0.5 - 1) ln(0.5)
+        assert psi_value == pytest.approx(0.4999 * math.log(0.5 / 1e-4) - 0.5 * math.log(0.5), abs=1e-6)
+        assert node.metrics.registry.get_sample_value("ainode_input_drift_alert", labels) == 1
+        assert "bits_stored" in after.alerts and after.jobs == 4
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_gauges_and_the_shipped_alert_rule_pass_promtool(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+
+    from tests.test_metrics import require_promtool
+
+    metrics = Metrics()
+    monitor = DriftMonitor(DriftSection(min_count=2), metrics)
+    for _ in range(2):
+        monitor.observe_features(("p", "m 1"), {"photometric_interpretation": "MONOCHROME1", "pixel_spacing_mm": 0.5},
+                                 "card", _reference())
+    text = generate_latest(metrics.registry).decode()
+    assert 'ainode_input_drift_alert{feature="photometric_interpretation",model_version="m 1",pipeline="p"} 1.0' in text
+    check = subprocess.run([require_promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "ainode-alerts.yml"
+    check = subprocess.run([require_promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "SUCCESS: 1 rules found" in check.stdout, check.stdout + check.stderr

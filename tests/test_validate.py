@@ -217,3 +217,27 @@ def test_brain_case_is_its_training_case(tmp_path):
     assert np.isin(sitk.GetArrayFromImage(native), [1, 2, 4]).sum() * voxel_ml == pytest.approx(sr.volumes_ml["WT"], rel=0.02)
     page = (out / "validation-report.html").read_text()
     assert "NOT held out" in page and "no interval" in page
+
+
+def test_bootstrap_auroc_is_sklearn_on_the_resampled_cases():
+    """The vectorised bootstrap statistic (resample counts as weights) equals
+    scikit-learn's AUROC on the resampled cases themselves, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from node.validate.scores import bootstrap_ci, weighted_auroc
+
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(4, 40))
+        y, p = rng.integers(0, 2, n), np.round(rng.random(n), 1)  # rounded: ties
+        counts = rng.integers(0, 3, (1, n)).astype(float)
+        drawn = np.repeat(np.arange(n), counts[0].astype(int))
+        got = weighted_auroc(y, p, counts)[0]
+        if 0 < y[drawn].sum() < len(drawn):
+            assert got == pytest.approx(roc_auc_score(y[drawn], p[drawn]), abs=1e-12)
+        else:
+            assert np.isnan(got)
+    y, p = np.array([0, 1] * 20), np.linspace(0, 1, 40)
+    low, high, used = bootstrap_ci(lambda w: weighted_auroc(y, p, w), [str(i // 2) for i in range(40)])
+    assert low < roc_auc_score(y, p) < high and used == 2000
+    assert bootstrap_ci(lambda w: w.sum(axis=1), ["one"] * 5) == (None, None, 0)

@@ -39,11 +39,16 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 
 from node.api.auth import Scope, requires
 from node.api.deps import NodeDep
+from node.api.models import CONFLICT, ERRORS, NOT_FOUND, Error
 from node.api.routers.stow import DICOM, DICOM_JSON, _Parts
 from node.config import ApiToken
 from node.index import ClaimLost, JobState
 
-router = APIRouter(prefix="/api", tags=["workers"])
+router = APIRouter(prefix="/api", tags=["workers"], responses=ERRORS | NOT_FOUND | CONFLICT | {
+    400: {"model": Error, "description": "Not a STOW-RS body of DICOM parts, or bad X-Ainode-* headers"},
+    413: {"model": Error, "description": "Beyond [api] stow_max_request_mb"},
+    503: {"model": Error, "description": "The outbox cannot be written; retry"},
+})
 IngestCaller = Annotated[ApiToken | None, requires(Scope.INGEST)]
 log = structlog.get_logger("node.api.job_results")
 
