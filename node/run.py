@@ -38,6 +38,7 @@ import structlog
 
 from node.config import NodeConfig
 from node.config.guard import GuardAction, GuardSettings
+from node.drift import DriftMonitor
 from node.guard import Decision, OutOfScope, describe, evaluate, pipeline_card
 from node.index import ClaimLost, Index, JobState, JobView, utcnow
 from node.metrics import Metrics, since
@@ -230,6 +231,7 @@ class Runner:
         self.index = index
         self.spool = spool
         self.metrics = metrics if metrics is not None else Metrics()
+        self.drift = DriftMonitor(config.drift, self.metrics, index)  # input drift per model (node.drift)
         self.on_results = on_results
         self.notifier = notifier or Notifier()
         self.queue = queue if queue is not None else EmbeddedQueue(index)
@@ -365,7 +367,9 @@ class Runner:
         results = pipeline.run(study, context)
         note = describe(warnings, GuardAction.WARN) if warnings else None
         timings["total"] = time.perf_counter() - started
-        return self.sink.deliver(job, results, timings, note, job.worker_id)
+        stored = self.sink.deliver(job, results, timings, note, job.worker_id)
+        self.drift.observe(job.pipeline, pipeline, study, context.observations, job_id=job.id)  # never raises
+        return stored
 
     def _end_without_result(
         self, job: JobView, state: JobState, reason: str, timings: dict[str, float], started: float,

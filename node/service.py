@@ -146,9 +146,13 @@ class Node:
         self.recover()
         self.notifier.start()
         self.dispatcher.start()
+        self.runner.drift.refresh()  # the drift windows as the index holds them (node.drift)
         self.queue.start()
         if isinstance(self.queue, CeleryQueue):
             self.log.info("celery_mode", queues=sorted(self.queue.needed_queues()), unserved=self.queue.unserved())
+            # Workers in other processes write the drift observations: read them back now and then.
+            self.scheduler.add_job(self.runner.drift.refresh, "interval", seconds=60, id="drift-refresh",
+                                   max_instances=1, coalesce=True)
         else:  # the node runs the jobs itself
             self.runner.start()
             pipelines = sorted({r.pipeline for r in self.config.routes})

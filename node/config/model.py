@@ -116,10 +116,10 @@ class NodeConfig(BaseSettings):
                 "worker.backend: celery needs a PostgreSQL index shared by the node and its workers "
                 "(storage.index_url = postgresql+psycopg://...); SQLite is one machine's file"
             )
-        if (w.input == WorkerInput.DICOMWEB or w.output == WorkerOutput.STOW) and not w.node_url:
-            raise ValueError(
-                f"worker.node_url: input = {w.input!s} / output = {w.output!s} reach the node's API; give its URL"
-            )
+        over_http = [f"{k} = {v!s}" for k, v in (("input", w.input), ("output", w.output))
+                     if v in (WorkerInput.DICOMWEB, WorkerOutput.STOW)]
+        if over_http and not w.node_url:
+            raise ValueError(f"worker.node_url: workers with {' and '.join(over_http)} reach the node's API; give its URL")
         if (w.input == WorkerInput.DICOMWEB or w.output == WorkerOutput.STOW) and not self.api.enabled:
             raise ValueError("api.enabled: workers with DICOMweb input or STOW-RS output need the node's HTTP API")
 

@@ -114,11 +114,16 @@ class QueueQueries(JobQueries, IndexCore):
             )
             return [_job_view(j) for j in s.scalars(q.order_by(Job.id).limit(limit))]
 
-    def mark_published(self, job_id: int, queue: str) -> None:
-        """Record that a message for ``job_id`` went to ``queue`` now."""
+    def mark_published(self, job_id: int, queue: str, at: dt.datetime | None = None) -> None:
+        """Record that a message for ``job_id`` went to ``queue`` at ``at``
+        (taken before the send). Also when a worker claimed it before this
+        ran (``started_at`` at or after ``at``), so enqueue -> claim is known."""
+        at = at or utcnow()
         with self._write_lock, self._session.begin() as s:
             s.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(queue=queue, enqueued_at=utcnow())
+                update(Job)
+                .where(Job.id == job_id, or_(Job.state == JobState.QUEUED, Job.started_at >= at))
+                .values(queue=queue, enqueued_at=at)
             )
 
     # -- workers ------------------------------------------------------------------

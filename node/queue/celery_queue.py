@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from node.config import DeviceClass, NodeConfig, queue_name
-from node.index import Index, JobView
+from node.index import Index, JobView, utcnow
 from node.queue.base import JobQueue
 from node.queue.celery_app import TASK_NAME, make_celery_app
 
@@ -120,9 +120,10 @@ class CeleryQueue(JobQueue):
             if queue not in served:
                 unserved.add(queue)
                 continue
+            at = utcnow()  # before the send: a worker may claim before it returns
             if not self._send(job, queue):
                 break  # the broker is down: the rest wait for the next pass
-            self.index.mark_published(job.id, queue)
+            self.index.mark_published(job.id, queue, at)
             sent += 1
             if job.enqueued_at is not None:  # published before, never claimed: the broker lost it
                 self.log.warning("job_republished", job_id=job.id, queue=queue, first_published=str(job.enqueued_at),
