@@ -20,6 +20,7 @@ running job within milliseconds, not at the next poll.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import signal
 import threading
@@ -240,7 +241,12 @@ class Node:
         return all(checks.values()), checks
 
     def status(self) -> dict:
-        return status_report(self.index) | {"destinations": self.monitor.report()}
+        report = status_report(self.index) | {"destinations": self.monitor.report()}
+        if isinstance(self.queue, CeleryQueue):
+            live = self.index.live_workers(self.config.worker.stale_after_seconds)
+            report["workers"] = [dataclasses.asdict(w) for w in live]
+            report["unserved_queues"] = self.queue.unserved()
+        return report
 
 
 def status_report(index: Index, limit: int = 20) -> dict:

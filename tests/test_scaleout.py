@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import select
 
 from node.config import load_config
@@ -254,8 +255,27 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     republished = node.metrics.jobs_republished._value.get()
     assert republished >= 1  # what Redis lost went out again after the visibility timeout
     assert published == len(studies) + stale_requeues + republished
+    # Operators see the workers (/status) and scrape each one's own /metrics.
+    headers = {"Authorization": f"Bearer {(tmp / 'worker.token').read_text()}"}
+    status = requests.get(f"{node.config.worker.node_url}/status", headers=headers, timeout=10).json()
+    live = {w["worker_id"]: w for w in status["workers"]}
+    assert ids["shared"] in live and status["unserved_queues"] == []
+    assert live[ids["shared"]]["pipelines"].keys() == {"pneumonia"} and live[ids["shared"]]["input"] == "shared_spool"
+    scraped = requests.get(live[ids["shared"]]["metrics_url"], timeout=10).text
+    assert 'ainode_jobs_total{pipeline="pneumonia",state="done"}' in scraped
+
+    # SIGTERM in the middle of a job: the worker finishes it, then exits.
+    checked = len(studies)
+    studies.append(_send(factory, tmp / "in", port))
+    stopping = workers["shared"]
+    held = wait_for(lambda: next((j for j in _jobs(node) if j.state == JobState.RUNNING), None), 30, 0.01, "a running job")
+    stopping.proc.send_signal(signal.SIGTERM)
+    assert stopping.proc.wait(60) == 0
+    assert node.index.job(held.id).state == JobState.DONE and node.index.job(held.id).worker_id == ids["shared"]
+    assert ids["shared"] not in {w.worker_id for w in node.index.live_workers(STALE_AFTER)}
+
     report("scaleout", {
-        "studies": len(studies), "sr_seg_pairs_in_orthanc": len(studies), "arrivals_at_storescp": len(arrivals),
+        "studies": checked, "sr_seg_pairs_in_orthanc": checked, "arrivals_at_storescp": len(arrivals),
         "same_uid_resends": resent, "duplicates": len(duplicated),
         "jobs_by_worker": {n: sum(j.worker_id == w for j in jobs) for n, w in ids.items()},
         "first_8_by_worker": by_worker, "sigkill_recovery_seconds": round(recovery, 2),
@@ -264,5 +284,6 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
         "backlog_in_redis_when_stopped": len(backlog), "republished_after_visibility_timeout": republished,
         "visibility_timeout_seconds": VISIBILITY,
         "dropped_messages_logged": log.count("message_dropped"), "wall_seconds": round(total, 1),
+        "sigterm_job_finished_by_stopping_worker": True,
     })
     print(json.dumps({"sigkill_recovery_seconds": round(recovery, 2), "resent": resent}))

@@ -240,11 +240,27 @@ class DeliverySummary(BaseModel):
     last_error: str | None
 
 
+class WorkerOut(BaseModel):
+    """A live Celery worker (``[worker] backend = "celery"``) as it announced itself."""
+
+    worker_id: str
+    hostname: str
+    queues: list[str]
+    pipelines: dict[str, str] = Field(description="pipeline -> model version loaded")
+    device: str
+    precision: str
+    input: str
+    metrics_url: str | None = None
+    heartbeat_at: dt.datetime | None = None
+
+
 class Status(BaseModel):
     counts: dict[str, dict[str, int]]
     jobs: list[JobSummary]
     deliveries: list[DeliverySummary]
     destinations: list[DestinationOut] = []
+    workers: list[WorkerOut] = Field(default=[], description="Live Celery workers; empty in embedded mode.")
+    unserved_queues: list[str] = Field(default=[], description="Routed Celery queues no live worker consumes.")
 
 
 # -- actions ---------------------------------------------------------------------------------
