@@ -92,6 +92,25 @@ _CATEGORICAL = {
 }
 #: The features a pipeline reports itself (``PipelineContext.observations``).
 PIPELINE_FEATURES = (DriftFeature.INTENSITY_MEAN, DriftFeature.INTENSITY_STD, DriftFeature.SCORE)
+#: Numerical features that are acquisition settings: a protocol picks them
+#: from a few values, so a reference of any size stands for them (against a
+#: reference of one value the KS statistic is the share of the window's values
+#: that differ from it). Other numerical features are measurements.
+SETTING_FEATURES = frozenset({DriftFeature.PIXEL_SPACING, DriftFeature.SLICE_THICKNESS})
+#: The default ``[drift] min_count`` (:mod:`node.config.drift`).
+MIN_COUNT = 30
+
+
+def comparable(feature: DriftFeature, reference_n: int, min_count: int) -> bool:
+    """Whether a reference of ``reference_n`` values can judge ``feature``:
+    always for a categorical feature or an acquisition setting
+    (:data:`SETTING_FEATURES`); for a measurement (age, intensity, score) only
+    when ``reference_n >= min_count``, the count a window needs too. Below it
+    the KS test cannot decide: its two-sample 5 % critical value
+    1.36 * sqrt(1/n + 1/m) is at least 0.96 for a reference of n = 2 studies,
+    whatever the window m, and a reference of one value puts every new value
+    at KS 1."""
+    return feature.kind == FeatureKind.CATEGORICAL or feature in SETTING_FEATURES or reference_n >= min_count
 
 
 class _Strict(BaseModel):
@@ -197,7 +216,7 @@ def build_reference(samples: Sequence[Mapping[Any, str | float]], source: str) -
             arr = np.asarray([float(v) for v in vs if v is not None and math.isfinite(float(v))], dtype=np.float64)
             if arr.size:
                 q = np.quantile(arr, np.linspace(0.0, 1.0, QUANTILES))
-                features[feature] = FeatureReference(n=int(arr.size), quantiles=[round(float(x), DECIMALS) for x in q])
+                features[feature] = FeatureReference(n=int(arr.size), quantiles=[round(float(x), DECIMALS) + 0.0 for x in q])  # no -0.0
     return DriftReference(source=source, n=len(samples), features=dict(sorted(features.items())))
 
 

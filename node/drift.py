@@ -11,8 +11,12 @@ output score, which the pipeline reports in
 model card's ``drift_reference``: the population stability index for a
 categorical feature, the two-sample Kolmogorov-Smirnov statistic for a
 numerical one. A feature with fewer than ``[drift] min_count`` values in the
-window has no statistic and never alerts; a feature the reference lacks is
-not compared.
+window has no statistic and never alerts; nor has a measurement (age,
+intensity, score) whose reference holds fewer than ``min_count`` values
+(:func:`models.drift_reference.comparable`: the brain demonstration card's
+reference is one study), while categories and acquisition settings (pixel
+spacing, slice thickness) are compared against a reference of any size; a
+feature the reference lacks is not compared.
 
 Each statistic is the gauge ``ainode_input_drift{pipeline,model_version,
 feature,statistic}``, and ``ainode_input_drift_alert`` is 1 where it is above
@@ -39,6 +43,7 @@ from models.drift_reference import (
     PIPELINE_FEATURES,
     DriftReference,
     FeatureKind,
+    comparable,
     dicom_features,
     ks_statistic,
     proportions,
@@ -61,7 +66,8 @@ class FeatureDrift:
     feature, statistic:
         The feature, and ``"psi"`` (categorical) or ``"ks"`` (numerical).
     value:
-        The statistic, dimensionless; None while ``n < min_count``.
+        The statistic, dimensionless; None while ``n < min_count``, or while
+        ``reference_n < min_count`` for a measurement (module docstring).
     threshold:
         Its alert threshold (``[drift]``).
     n, reference_n:
@@ -210,7 +216,7 @@ class DriftMonitor:
             threshold = self.settings.threshold(feature)
             categorical = feature.kind == FeatureKind.CATEGORICAL
             value: float | None = None
-            if len(values) >= self.settings.min_count:
+            if len(values) >= self.settings.min_count and comparable(feature, ref.n, self.settings.min_count):
                 if categorical:
                     assert ref.frequencies is not None  # FeatureReference: one form per kind
                     value = psi(proportions(str(v) for v in values), ref.frequencies)

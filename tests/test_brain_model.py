@@ -482,3 +482,21 @@ def test_training_smoke_run_writes_a_loadable_card(tmp_path, n_cases):
     pred = model.predict(image, spacing_mm=spacing)
     assert pred.labels.shape == (32, 40, 64)
     assert set(np.unique(pred.labels).tolist()) <= {0, 1, 2, 4}
+    # The input-drift reference: one sample per labelled case, the geometry of the NIfTI grid, the z-scored input.
+    ref = card.drift_reference
+    assert ref is not None and ref.n == n_cases and "Input-drift reference" in result.card_path.with_suffix(".md").read_text()
+    assert sorted(ref.features) == ["intensity_mean", "intensity_std", "photometric_interpretation", "pixel_spacing_mm",
+                                    "score", "slice_thickness_mm"]  # no Manufacturer, age, view or bits: NIfTI has none
+    assert ref.features["slice_thickness_mm"].quantiles == [1.0] * 101 and ref.features["pixel_spacing_mm"].n == n_cases
+    assert ref.features["intensity_std"].quantiles[0] == pytest.approx(float(image.std()), abs=1e-5)
+    assert ref.features["score"].quantiles[0] >= 0.0
+    if n_cases == 1:  # `ainode models reference` on the NIfTI folder gives what training wrote
+        from typer.testing import CliRunner
+
+        from node.cli import app
+
+        before = card.drift_reference
+        out = CliRunner().invoke(app, ["models", "reference", str(result.card_path), "--data", str(data), "--threads", "1"])
+        assert out.exit_code == 0, out.output
+        again = ModelCard.from_file(result.card_path).drift_reference
+        assert again is not None and again.features == before.features and again.source.startswith("1 BraTS-style NIfTI")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,8 @@ def world(tmp_path_factory, rg1_uncr):
         "cr": [ds.StudyInstanceUID for ds in cr], "ct": ct[0].StudyInstanceUID, "move_port": move_port,
         "index_url": sections["storage"]["index_url"], "spool": Path(sections["storage"]["spool_dir"]),
     }
-    archive.stop()
-    clinical.stop()
+    with ThreadPoolExecutor(2) as pool:  # each Orthanc takes seconds to shut down: both at once
+        list(pool.map(Orthanc.stop, (archive, clinical)))
 
 
 def _replay(world, *args: str):

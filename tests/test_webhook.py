@@ -30,7 +30,7 @@ from node.spool import FreeSpace, Spool
 from tests.peers import free_port, node_config_for, wait_for
 from tests.test_dispatch import StoreSCP, _queue_result
 from tests.test_jobs_retry import spooled_job
-from tests.test_outcomes import BROAD_RULE, small_cr
+from tests.test_outcomes import BROAD_RULE, rgb_cr, small_cr
 
 SECRET = "s3cret-for-the-test-receiver"
 
@@ -144,7 +144,7 @@ def test_job_events_are_signed_filtered_per_url_and_carry_no_patient_data(tmp_pa
     })
     index, spool, notifier = state(cfg)
     runner = Runner(cfg, index, spool, notifier=notifier)
-    done_ds, lateral_ds = small_cr(), small_cr(ViewPosition="LL")
+    done_ds, lateral_ds = small_cr(), rgb_cr()  # a colour image: not_applicable
     spooled_job(index, spool, done_ds)
     assert runner.run_job(index.claim_job()) == JobState.DONE
     spooled_job(index, spool, lateral_ds)
@@ -178,7 +178,7 @@ def test_job_events_are_signed_filtered_per_url_and_carry_no_patient_data(tmp_pa
     assert (done["data"]["study_uid"], done["data"]["series_uid"]) == (done_ds.StudyInstanceUID, done_ds.SeriesInstanceUID)
 
     not_applicable, failed = ops.events
-    assert not_applicable["data"]["state"] == "not_applicable" and "lateral" in not_applicable["data"]["reason"]
+    assert not_applicable["data"]["state"] == "not_applicable" and "colour" in not_applicable["data"]["reason"]
     assert failed["data"]["job_id"] == failed_id and failed["data"]["state"] == "failed"
     # Without include_uids no UID is sent, not even inside the reason text.
     assert failed["data"]["reason"] == "series <UID> has no instances in the spool"

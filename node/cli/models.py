@@ -69,7 +69,8 @@ _TASK_PIPELINE = {"classification": "pneumonia", "segmentation": "brain_tumour",
 @models_app.command("reference")
 def models_reference(
     card_path: Annotated[Path, typer.Argument(metavar="CARD", help="Model card JSON to write the reference into.")],
-    data: Annotated[Path, typer.Option(help="Folder of DICOM studies, or (chest) of PNG images with labels.csv.")],
+    data: Annotated[Path, typer.Option(help="Folder of DICOM studies, or (chest) of PNG images with labels.csv, "
+                                       "or (brain) BraTS-style NIfTI case folders.")],
     pipeline: Annotated[str | None, typer.Option(help="Pipeline that runs the card (default: from the card's task).")] = None,
     exclude_training: Annotated[bool, typer.Option(help="PNG folder: leave out the card's training members.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: [worker] torch_threads).")] = None,
@@ -80,7 +81,8 @@ def models_reference(
     Each image or study goes through the pipeline's preprocessing and model
     (node.drift). For a DICOM folder the pipeline runs as ``ainode run``
     runs it (study-level roles assigned by [sequences]); a chest PNG folder
-    is read as the training command reads it (pipelines/pneumonia/reference.py).
+    is read as the training command reads it (pipelines/pneumonia/reference.py), and so is a
+    brain folder of BraTS-style NIfTI cases (pipelines/brain_tumour/reference.py).
     """
     from collections import defaultdict
 
@@ -115,6 +117,11 @@ def models_reference(
         members = set(card.training_data.training_members) if exclude_training else set()
         reference = png_reference(PneumoniaModel(models, card.name, device), data,
                                   keep=lambda p: p.stem not in members and p.name not in members)
+    elif name == "brain_tumour" and (any(data.glob("*.nii*")) or any(data.glob("*/*.nii*"))):
+        from pipelines.brain_tumour.model import BrainTumourModel
+        from pipelines.brain_tumour.reference import nifti_reference
+
+        reference = nifti_reference(BrainTumourModel(models, card.name, device), data)
     else:
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for f in _dicom_files([data]):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from models.drift_reference import DriftFeature, FeatureKind
+from models.drift_reference import MIN_COUNT, DriftFeature, FeatureKind
 from node.config.base import _Section
 
 
@@ -27,7 +27,8 @@ class DriftSection(_Section):
 
     enabled: bool = Field(True, description="Record each job's input features and compare them with the model card's reference.")
     window: int = Field(500, ge=10, le=100_000, description="Jobs per model in the sliding window.")
-    min_count: int = Field(30, ge=2, description="Jobs a window needs before a statistic is computed and an alert can fire.")
+    min_count: int = Field(MIN_COUNT, ge=2, description="Jobs a window needs before a statistic is computed and an alert can fire; a "
+                           "measurement's reference (age, intensity, score) needs as many values (node.drift).")
     psi_threshold: float = Field(0.25, gt=0.0, description="Alert above this PSI (categorical features).")
     ks_threshold: float = Field(0.3, gt=0.0, le=1.0, description="Alert above this KS statistic (numerical features).")
     thresholds: dict[DriftFeature, float] = Field(

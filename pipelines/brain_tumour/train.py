@@ -31,7 +31,9 @@ shrunk to fit a CPU:
   case, a first run without it fitted the training blocks (Dice 0.92 there) but
   segmented the same region at 0.70 when the whole volume was the input;
 * Adam with cosine decay, periodic validation, best-checkpoint selection,
-  early stopping, a wall-clock budget.
+  early stopping, a wall-clock budget;
+* the card's input-drift reference (:mod:`pipelines.brain_tumour.reference`):
+  every labelled case through the written weights.
 
 Held-out data, designed for what exists:
 
@@ -87,6 +89,7 @@ from models.card import Metric, ModelCard
 from models.registry import ModelRegistry
 from models.segresnet import build_segresnet, spatial_multiple
 from pipelines.brain_tumour.model import BrainTumourModel
+from pipelines.brain_tumour.reference import cases_reference
 from pipelines.brain_tumour.train_card import demo_card, evaluate, intended_use_rules, render_card_markdown
 from pipelines.brain_tumour.train_data import CHANNELS, BratsCase, find_brats_cases, load_item, plan_held_out
 from pipelines.brain_tumour.train_loop import augmentation, optimise, validate
@@ -296,8 +299,12 @@ def train_brain_tumour(config: TrainConfig) -> TrainResult:
     runner = BrainTumourModel(registry, config.name, "cpu")
 
     metrics = evaluate(runner, plan.test_cases, plan.slabs, plan.mode)
+    # The input-drift reference (node.drift): each labelled case through the written weights, as the pipeline runs them.
+    reference = cases_reference(runner, cases, f"{len(cases)} labelled BraTS-style NIfTI case(s) of "
+                                f"{Path(config.data_dir).name}, read as training reads them and segmented by "
+                                f"{config.name} {config.version}")
     wall = time.monotonic() - t_start
-    card = make_card(metrics, wall)
+    card = make_card(metrics, wall).model_copy(update={"drift_reference": reference})
     write_card(card, card_path, render_card_markdown(card))
     for m in metrics:
         log.info("%s [%s]: %.4f", m.name, m.split.split(":")[0], m.value)

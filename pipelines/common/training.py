@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from models.card import ModelCard
+from models.drift_reference import MIN_COUNT, comparable
 from models.registry import sha256_file
 
 if TYPE_CHECKING:
@@ -134,11 +135,19 @@ def drift_reference_lines(card: ModelCard) -> list[str]:
             shown.append(f"{feature} " + ", ".join(f"{k} {v:.0%}" for k, v in f.frequencies.items()))
         elif f.quantiles is not None:
             shown.append(f"{feature} median {f.quantiles[50]:.4g} (5-95 % {f.quantiles[5]:.4g}-{f.quantiles[95]:.4g})")
+    small = [f for f, r in ref.features.items() if not comparable(f, r.n, MIN_COUNT)]
+    caveat = [] if not small else [
+        f"n = {min(ref.features[f].n for f in small)} is too few for the measurements ({', '.join(map(str, small))}): "
+        f"below `[drift] min_count` ({MIN_COUNT} by default) the node shows them but does not compare them, since a KS test "
+        "against so small a reference cannot decide (models.drift_reference.comparable). Categories and acquisition "
+        "settings (pixel spacing, slice thickness) are compared at any n: against a reference of one value the KS "
+        "statistic is the share of recent inputs whose value differs from it.", ""]
     return ["", "## Input-drift reference", "", f"{ref.source}; n = {ref.n}. The node compares each model's recent inputs "
             "with it (`[drift]`, `ainode_input_drift` gauges, dashboard): PSI for categories, KS statistic for numbers.",
-            "", *[f"- {line}" for line in shown], "",
+            "", *[f"- {line}" for line in shown], "", *caveat,
             f"Recomputed without retraining by `ainode models reference models/cards/{card.name}.json --data FOLDER` "
-            "(DICOM studies, or the chest model's PNG folder with labels.csv); the training command writes it too."]
+            "(DICOM studies, the chest model's PNG folder with labels.csv, or the brain model's BraTS-style NIfTI case "
+            "folders); the training command writes it too."]
 
 
 def card_markdown(
