@@ -225,22 +225,25 @@ def train_pneumonia(config: TrainConfig) -> TrainResult:
                        best1["epoch"], best2["epoch"], len(trainer.history))
     card_path = out / "cards" / f"{config.name}.json"
     write_card(card, card_path, render_card_markdown(card))
-    # The input-drift reference (node.drift): every image, through the written weights as the pipeline runs them.
-    card = card.model_copy(update={"drift_reference": _drift_reference(card_path, config.name, data_dir)})
+    # The input-drift reference (node.drift): every image this run read, through the written weights as the pipeline runs them.
+    reference = _drift_reference(card_path, config.name, data_dir, set(data.rec.image_ids))
+    card = card.model_copy(update={"drift_reference": reference})
     write_card(card, card_path, render_card_markdown(card))
     log.info("wrote %s (sha256 %s, %d bytes) and %s in %.0f s", weights_path, sha, weights_path.stat().st_size,
              card_path, wall)
     return TrainResult(card_path, weights_path, card, wall, trainer.history)
 
 
-def _drift_reference(card_path: Path, name: str, data_dir: Path):
-    """The card's ``drift_reference`` from ``data_dir``'s PNGs (pipelines/pneumonia/reference.py)."""
+def _drift_reference(card_path: Path, name: str, data_dir: Path, image_ids: set[str]):
+    """The card's ``drift_reference`` from the PNGs of ``data_dir`` named in
+    ``image_ids`` (pipelines/pneumonia/reference.py): all of them without
+    ``--limit``, as for the shipped card."""
     from models.registry import ModelRegistry
     from pipelines.pneumonia.model import PneumoniaModel
     from pipelines.pneumonia.reference import png_reference
 
     model = PneumoniaModel(ModelRegistry([card_path.parent], include_shipped=False), name, "cpu")
-    return png_reference(model, data_dir)
+    return png_reference(model, data_dir, keep=lambda p: p.name in image_ids)
 
 
 def _evaluate(
