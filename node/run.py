@@ -35,6 +35,7 @@ from typing import Protocol
 
 import pydicom
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import NodeConfig
 from node.config.guard import GuardAction, GuardSettings
@@ -299,7 +300,15 @@ class Runner:
             if job is None:
                 self.queue.wait(1.0)
                 continue
-            self.run_job(job)
+            try:
+                self.run_job(job)
+            except TransientJobError as exc:  # the index failed: give the job back and wait a moment
+                self.log.error("job_interrupted", job_id=job.id, error=str(exc))
+                try:
+                    self.index.release_job(job.id, worker_id, str(exc))
+                except Exception:
+                    self.log.exception("job_release_failed", job_id=job.id)  # left running: recovered at restart
+                self._stop.wait(1.0)
 
     def run_job(self, job: JobView) -> JobState | None:
         """Run one claimed job to ``done``, ``failed``, ``not_applicable``
@@ -327,6 +336,8 @@ class Runner:
             return None
         except TransientJobError:
             raise
+        except SQLAlchemyError as exc:  # the index, not the job: try again later
+            raise TransientJobError(f"the index failed during job {job.id}: {type(exc).__name__}: {exc}") from exc
         except OutOfScope as exc:
             return self._end_without_result(job, JobState.OUT_OF_SCOPE, str(exc), timings, started, log.warning)
         except PipelineNotApplicable as exc:

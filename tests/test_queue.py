@@ -98,17 +98,29 @@ def test_a_published_job_is_published_again_only_after_the_visibility_timeout(pg
     assert [j.id for j in pg_index.jobs_to_publish(visibility_timeout=60)] == [job_id]
 
 
-def test_release_republishes_now_or_after_the_timeout(pg_index):
+def test_release_republishes_now_or_after_the_hold(pg_index):
     job_id = _job(pg_index)
     pg_index.claim_job("w1", job_id)
-    assert pg_index.release_job(job_id, "w1", "SIGTERM", republish=True)
+    assert pg_index.release_job(job_id, "w1", "SIGTERM")
     row = pg_index.job(job_id)
     assert row.state == JobState.QUEUED and row.attempts == 0 and row.enqueued_at is None
+    assert [j.id for j in pg_index.jobs_to_publish(visibility_timeout=60)] == [job_id]  # at once
     pg_index.claim_job("w1", job_id)
-    assert pg_index.release_job(job_id, "w1", "node unreachable", republish=False)
+    assert pg_index.release_job(job_id, "w1", "node unreachable", hold_seconds=10, visibility_timeout=60)
     row = pg_index.job(job_id)
-    assert row.attempts == 1 and row.enqueued_at is not None  # the task's own retry brings it back
+    assert row.attempts == 0 and row.enqueued_at is not None  # outages do not count as attempts
+    assert pg_index.jobs_to_publish(visibility_timeout=60) == []  # the task's own retry comes first
+    _age(pg_index, job_id, enqueued_at=61)  # ... and if its message is lost, the node publishes it again
+    assert [j.id for j in pg_index.jobs_to_publish(visibility_timeout=60)] == [job_id]
     assert not pg_index.release_job(job_id, "w9", "not mine")
+
+
+def test_an_unserved_backlog_blocks_no_other_queue(pg_index):
+    brain = [pg_index.create_job(pipeline="brain_tumour", route="brain", level="series", study_uid="1.2",
+                                 series_uid=f"1.2.{i}", destinations=["pacs"]) for i in range(3)]
+    chest = _job(pg_index)
+    assert [j.id for j in pg_index.jobs_to_publish(60, routes=["chest"], limit=2)] == [chest]
+    assert [j.id for j in pg_index.jobs_to_publish(60, limit=2)] == brain[:2]
 
 
 def _celery_sections(tmp_path, index_url: str, **worker) -> dict:

@@ -66,6 +66,10 @@ def worker(
         except ValueError as exc:
             raise typer.BadParameter(f"--device {device}: expected cpu, cuda or cuda:N") from exc
     cfg = cfg.model_copy(update={"worker": cfg.worker.model_copy(update=update)})
+    try:
+        cfg._check_worker()  # the overrides meet the cross-section checks too (node_url for dicomweb/stow)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     from node.run import resolve_device
 
     pipelines, queues = worker_queues(cfg, queue, resolve_device(cfg.worker.device))

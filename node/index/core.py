@@ -71,17 +71,30 @@ def make_engine(url: str) -> Engine:
 
 
 
+#: pg_advisory_xact_lock key of the schema step ("ainode" in ASCII).
+SCHEMA_LOCK_KEY = 0x61696E6F6465
+
+
 class IndexCore:
     """The engine and sessions of the index; the query mixins build on it."""
 
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        self._create_schema()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; serialising here avoids busy waits.
         self._write_lock = threading.RLock() if url.startswith("sqlite") else _NullLock()
+
+    def _create_schema(self) -> None:
+        """Create missing tables and columns. On PostgreSQL under an advisory
+        lock held for the transaction: a node and its workers starting at
+        once would otherwise race to create the same table."""
+        with self.engine.begin() as c:
+            if c.dialect.name == "postgresql":
+                c.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
+            Base.metadata.create_all(c)
+            _add_missing_columns(c)
 
     def close(self) -> None:
         """Close the engine's pooled connections."""

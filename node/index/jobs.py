@@ -110,7 +110,9 @@ class JobQueries(IndexCore):
         """The job row, checked to be still ``running`` under ``worker_id``
         when one is given. Raises :class:`ClaimLost` (the sweep gave it to
         another worker, or an operator ended it) or LookupError."""
-        job = self._row(s, Job, job_id)
+        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())  # no sweep or claim in between
+        if job is None:
+            raise LookupError(f"no job {job_id}")
         if worker_id is not None and (job.state != JobState.RUNNING or job.worker_id != worker_id):
             raise ClaimLost(f"job {job_id} is {job.state} under {job.worker_id or 'no worker'}, no longer {worker_id}'s")
         return job
@@ -119,7 +121,7 @@ class JobQueries(IndexCore):
         """Mirror a job's state on its input series (and study assembly),
         except on one receiving again."""
         uids = [job.series_uid] if job.series_uid else list(json.loads(job.roles).values()) if job.roles else []
-        for uid in uids:
+        for uid in sorted(set(uids)):  # one lock order for every job: no deadlock between study-level jobs
             series = s.get(Series, uid)
             if series is not None and series.state != SeriesState.RECEIVING:
                 self._set_state(s, series, SeriesState(state), f"job {job.id}")
@@ -270,7 +272,7 @@ class JobQueries(IndexCore):
         Each job goes back to ``queued`` with its attempts at 0, so
         ``max_job_attempts`` applies anew; its error and traceback stay in
         its transitions. A running node's workers claim it within their
-        1 s poll. Returns the ids queued, and for each named job left alone
+        1 s poll (the Celery publisher's next pass, within 5 s). Returns the ids queued, and for each named job left alone
         why (unknown, or in a state that is not retried).
         """
         why = f"retry requested by {by}" + (f": {reason}" if reason else "")

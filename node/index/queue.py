@@ -56,23 +56,25 @@ class QueueQueries(JobQueries, IndexCore):
             ).first()
             return held is not None
 
-    def release_job(self, job_id: int, worker_id: str, reason: str, *, republish: bool = True) -> bool:
-        """A worker gives a job back: ``running -> queued``. With
-        ``republish`` (it stopped before the job ended) its attempt is not
-        counted and the node publishes it again at once; without (a retry
-        the worker's own Celery task will bring) the attempt counts and the
-        node waits the visibility timeout. False when the worker no longer
-        held it."""
+    def release_job(
+        self, job_id: int, worker_id: str, reason: str, *, hold_seconds: float = 0.0, visibility_timeout: float = 0.0,
+    ) -> bool:
+        """A worker gives a job back: ``running -> queued``, its attempt not
+        counted (``max_job_attempts`` bounds deaths, not outages). The node
+        publishes it again at once, or with ``hold_seconds`` (a retry of the
+        worker's own task is due first) no sooner than that: its publish
+        time is set ``visibility_timeout - hold_seconds`` in the past. False
+        when the worker no longer held it."""
         with self._write_lock, self._session.begin() as s:
             try:
                 job = self._owned(s, job_id, worker_id)
             except (ClaimLost, LookupError):
                 return False
             self._set_state(s, job, JobState.QUEUED, f"released by {worker_id}: {reason}")
-            if republish:
-                job.attempts = max(0, job.attempts - 1)
+            job.attempts = max(0, job.attempts - 1)
             job.worker_id = job.heartbeat_at = None
-            job.enqueued_at = None if republish else utcnow()
+            held = max(0.0, visibility_timeout - hold_seconds)
+            job.enqueued_at = utcnow() - dt.timedelta(seconds=held) if hold_seconds > 0 else None
             self._sync_series_state(s, job, JobState.QUEUED)
             return True
 
@@ -80,8 +82,10 @@ class QueueQueries(JobQueries, IndexCore):
         """Running jobs whose worker's heartbeat is older than ``stale_after``
         seconds (the worker died, or lost the index) go back to ``queued``,
         to be published at once, or to ``failed`` after ``max_attempts``
-        (a job that kills its workers must not kill them all). Jobs of the
-        embedded workers (no heartbeat) are not touched. Returns (queued
+        (a job that kills its workers must not kill them all). Only the
+        node in celery mode sweeps; the embedded workers' jobs are recovered
+        at restart (:meth:`recover_jobs`). Clocks of the node and workers
+        must agree (NTP) to well within ``stale_after``. Returns (queued
         ids, failed ids)."""
         cutoff = utcnow() - dt.timedelta(seconds=stale_after)
         requeued: list[int] = []
@@ -102,16 +106,22 @@ class QueueQueries(JobQueries, IndexCore):
                 self._sync_series_state(s, job, job.state)
         return requeued, failed
 
-    def jobs_to_publish(self, visibility_timeout: float, limit: int = 500) -> list[JobView]:
+    def jobs_to_publish(
+        self, visibility_timeout: float, routes: Iterable[str] | None = None, limit: int = 500,
+    ) -> list[JobView]:
         """Queued jobs never published, or published longer ago than
         ``visibility_timeout`` seconds and still unclaimed (the broker lost
-        the message): oldest first. A queue merely backed up is not flooded:
-        within the timeout a published job is not published again."""
+        the message): oldest first, of ``routes`` only when given (those
+        whose queue a worker serves, so an unserved backlog blocks no other
+        queue). A queue merely backed up is not flooded: within the timeout
+        a published job is not published again."""
         cutoff = utcnow() - dt.timedelta(seconds=visibility_timeout)
         with self._session() as s:
             q = select(Job).where(
                 Job.state == JobState.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
             )
+            if routes is not None:
+                q = q.where(Job.route.in_(list(routes)))
             return [_job_view(j) for j in s.scalars(q.order_by(Job.id).limit(limit))]
 
     def mark_published(self, job_id: int, queue: str, at: dt.datetime | None = None) -> None:

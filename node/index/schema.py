@@ -24,7 +24,7 @@ import enum
 from typing import Any, TypeVar
 
 from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -322,18 +322,16 @@ class Transition(Base):
 
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _add_missing_columns(c: Connection) -> None:
     """Add columns a newer node defines to tables an older one created
-    (``create_all`` creates missing tables only). New columns are nullable,
-    so ``ALTER TABLE ... ADD COLUMN`` works on SQLite and PostgreSQL."""
+    (``create_all`` creates missing tables only), in the transaction of
+    ``c``. New columns are nullable, so ``ALTER TABLE ... ADD COLUMN`` works
+    on SQLite and PostgreSQL."""
     from sqlalchemy import inspect
 
-    inspector = inspect(engine)
-    with engine.begin() as c:
-        for table in Base.metadata.sorted_tables:
-            have = {col["name"] for col in inspector.get_columns(table.name)}
-            for col in table.columns:
-                if col.name not in have and col.nullable:
-                    c.exec_driver_sql(
-                        f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {col.type.compile(engine.dialect)}'
-                    )
+    inspector = inspect(c)
+    for table in Base.metadata.sorted_tables:
+        have = {col["name"] for col in inspector.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                c.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {col.type.compile(c.dialect)}')

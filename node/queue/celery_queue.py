@@ -114,12 +114,10 @@ class CeleryQueue(JobQueue):
         """Publish what :meth:`Index.jobs_to_publish` returns to served queues."""
         served = self.index.served_queues(self.worker.stale_after_seconds)
         sent = 0
-        unserved: set[str] = set()
-        for job in self.index.jobs_to_publish(self.worker.celery.visibility_timeout_seconds):
+        unserved = self.needed_queues() - served
+        routes = [r.name for r in self.config.routes if queue_name(r.pipeline, r.worker) in served]
+        for job in self.index.jobs_to_publish(self.worker.celery.visibility_timeout_seconds, routes):
             queue = self.queue_for(job)
-            if queue not in served:
-                unserved.add(queue)
-                continue
             at = utcnow()  # before the send: a worker may claim before it returns
             if not self._send(job, queue):
                 break  # the broker is down: the rest wait for the next pass

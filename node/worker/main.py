@@ -7,8 +7,8 @@ runs one process per GPU, and CPU machines scale by process count
 (``ainode-worker@N`` units, deploy/systemd). SIGTERM is Celery's warm
 shutdown: the current job finishes, then the process exits; SIGQUIT is a
 cold shutdown, and the interrupted job is given back
-(:meth:`WorkerRuntime.handle`); after a SIGKILL the node's stale sweep
-takes it back.
+(:class:`~node.worker.runtime.WorkerQueue`); after a SIGKILL the node's
+stale sweep takes it back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 
 from celery import Celery, Task
+from celery.signals import worker_shutting_down
 
 from node.config import NodeConfig
 from node.queue.celery_app import TASK_NAME, make_celery_app
@@ -28,7 +29,8 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
 
     A transient failure (index or node unreachable) gives the job back and
     retries the message after ``retry_backoff_seconds``, doubling, at most
-    ``max_retries`` times; then the job fails with the reason.
+    ``max_retries`` times; then the job stays queued for the node to publish
+    again (at once, to any worker): being unreachable never fails a job.
     """
     section = runtime.config.worker.celery
 
@@ -40,10 +42,12 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
         except TransientJobError as exc:
             retries = task.request.retries or 0
             if retries >= section.max_retries:
-                runtime.give_up(int(job_id), str(exc))
+                runtime.release(int(job_id), f"retries exhausted: {exc}")
                 return
-            runtime.release(int(job_id), str(exc), republish=False)
-            raise task.retry(exc=exc, countdown=min(60.0, section.retry_backoff_seconds * 2**retries)) from exc
+            countdown = min(60.0, section.retry_backoff_seconds * 2**retries)
+            # Held past the retry's countdown: if that message is lost, the node publishes it again.
+            runtime.release(int(job_id), str(exc), hold_seconds=countdown + runtime.config.worker.stale_after_seconds)
+            raise task.retry(exc=exc, countdown=countdown) from exc
 
     return run_job
 
@@ -68,6 +72,11 @@ def run_worker(config: NodeConfig, pipelines: list[str], queues: list[str], *, l
         raise SystemExit("no pipeline loaded: nothing to serve")
     app = make_celery_app(config)
     register_task(app, runtime)
+
+    def on_shutdown(how: str = "", **_) -> None:  # celery.signals.worker_shutting_down: "Warm" or "Cold"
+        runtime.queue.cold_shutdown = how == "Cold"
+
+    worker_shutting_down.connect(on_shutdown, weak=False)
     argv = [
         "worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(runtime.queues)}",
         f"--hostname=ainode-{runtime.worker_id.replace(':', '-')}@%h", "--without-gossip", "--without-mingle",

@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import NodeConfig, WorkerInput, WorkerOutput
 from node.index import Index, JobState, WorkerInfo
 from node.metrics import Metrics
+from node.notify import Notifier
 from node.queue.base import JobQueue
 from node.run import OutboxSink, ResultSink, Runner, SpoolSource, StudySource, TransientJobError, default_worker_id
 from node.spool import Spool
@@ -43,10 +44,25 @@ EXIT_TIME_LIMIT = 70
 
 
 class WorkerQueue(JobQueue):
-    """A worker's view of the queue: it claims and reports; the node publishes."""
+    """A worker's view of the queue: it claims and reports; the node publishes.
+
+    During a cold shutdown Celery interrupts the running job by raising into
+    it (the solo pool's ``terminate_job`` raises NotImplementedError), which
+    the runner would record as a failure: then the job is given back instead.
+    """
+
+    def __init__(self, index: Index):
+        super().__init__(index)
+        self.cold_shutdown = False
 
     def enqueue(self) -> None:
         """Workers publish nothing: the node does (:class:`node.queue.CeleryQueue`)."""
+
+    def fail(self, job_id, reason, traceback, timings, state, worker_id) -> None:
+        if self.cold_shutdown and worker_id is not None:
+            self.index.release_job(job_id, worker_id, "the worker stopped (cold shutdown) before the job ended")
+            return
+        super().fail(job_id, reason, traceback, timings, state, worker_id)
 
 
 class WorkerRuntime:
@@ -75,8 +91,9 @@ class WorkerRuntime:
         self.index = Index(st.engine_url())
         self.spool = Spool(st.spool_dir, st.quarantine_dir, st.outbox_dir, fsync=st.fsync)
         self.queue = WorkerQueue(self.index)
+        self.notifier = Notifier(config)  # job.* events go out from here, as from an embedded node
         self.runner = Runner(
-            config, self.index, self.spool, metrics=self.metrics, queue=self.queue,
+            config, self.index, self.spool, metrics=self.metrics, queue=self.queue, notifier=self.notifier,
             source=self._source(), sink=self._sink(), worker_id=self.worker_id,
         )
         self.loaded: dict[str, str] = {}
@@ -104,6 +121,7 @@ class WorkerRuntime:
     def start(self) -> None:
         """Load the pipelines, announce what loaded, start the heartbeats."""
         self.runner.set_torch_threads()
+        self.notifier.start()
         self.loaded = self.runner.warm_up(self.pipelines)
         served = [q for q in self.queues if q.split(".")[0] in self.loaded]
         for q in sorted(set(self.queues) - set(served)):
@@ -127,11 +145,12 @@ class WorkerRuntime:
         """On shutdown: give back a job still held (a cold shutdown) and say we stopped."""
         self._stop.set()
         if self.current is not None:
-            self.release(self.current, "the worker stopped before the job ended", republish=True)
+            self.release(self.current, "the worker stopped before the job ended")
         try:
             self.index.worker_stopped(self.worker_id)
         except SQLAlchemyError as exc:
             self.log.warning("worker_stop_unrecorded", error=str(exc))
+        self.notifier.stop(5.0)
         self.index.close()
 
     def _heartbeats(self) -> None:
@@ -182,30 +201,27 @@ class WorkerRuntime:
             self.metrics.messages_dropped.inc()
             return None
         self.metrics.claim_seconds.observe(time.perf_counter() - t)
-        self.current, self.current_since = job.id, time.monotonic()
+        self.current_since = time.monotonic()  # before current: the watchdog reads both
+        self.current = job.id
         try:
             state = self.runner.run_job(job)
         except Exception:
             self.current = None
             raise
         except BaseException:  # a shutdown interrupted the job: give it back now
-            self.release(job.id, "the worker stopped before the job ended", republish=True)
+            self.release(job.id, "the worker stopped before the job ended")
             self.current = None
             raise
         self.current = None
         return state
 
-    def release(self, job_id: int, reason: str, *, republish: bool) -> None:
-        """Give a claimed job back to ``queued`` (logged; never raises)."""
+    def release(self, job_id: int, reason: str, *, hold_seconds: float = 0.0) -> None:
+        """Give a claimed job back to ``queued`` (logged; never raises); the
+        node publishes it again after ``hold_seconds`` (a retry of this
+        worker's own task is due first)."""
         try:
-            released = self.index.release_job(job_id, self.worker_id, reason, republish=republish)
+            released = self.index.release_job(job_id, self.worker_id, reason, hold_seconds=hold_seconds,
+                                              visibility_timeout=self.config.worker.celery.visibility_timeout_seconds)
             self.log.warning("job_released", job_id=job_id, reason=reason, released=released)
         except Exception as exc:
             self.log.error("job_release_failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
-
-    def give_up(self, job_id: int, reason: str) -> None:
-        """Retries exhausted: the job fails with ``reason`` (logged; never raises)."""
-        try:
-            self.index.fail_job(job_id, f"retries exhausted: {reason}", state=JobState.FAILED)
-        except Exception as exc:
-            self.log.error("job_fail_unrecorded", job_id=job_id, error=f"{type(exc).__name__}: {exc}")

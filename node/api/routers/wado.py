@@ -19,7 +19,8 @@ instance's stored syntax is one the request accepts; otherwise 406.
 
 Answers: 200; 400 for a path UID that is no UID; 404 for a study, series or
 instance the spool does not hold (the series must be of that study); 406 as
-above; 401/403 for the token (:mod:`node.api.auth`).
+above; 503 (``Retry-After``) when some, not all, indexed files are missing,
+rather than a partial series; 401/403 for the token (:mod:`node.api.auth`).
 """
 
 from __future__ import annotations
@@ -153,7 +154,12 @@ def _held(node, study_uid: str, series_uid: str | None = None, sop_uid: str | No
     for uid in uids:
         if not is_safe_uid(uid):
             return [], JSONResponse({"detail": f"{uid!r} is not a UID (PS3.5 9.1)"}, status_code=400)
-    instances = [i for i in node.index.stored_instances(study_uid, series_uid, sop_uid) if i.path.is_file()]
+    indexed = node.index.stored_instances(study_uid, series_uid, sop_uid)
+    instances = [i for i in indexed if i.path.is_file()]
+    if instances and len(instances) < len(indexed):  # never a partial series: a worker would run on it
+        missing = len(indexed) - len(instances)
+        return [], JSONResponse({"detail": f"{missing} of {len(indexed)} indexed instances are missing from the spool"},
+                                status_code=503, headers={"Retry-After": "30"})
     if not instances:
         level = "instance" if sop_uid else "series" if series_uid else "study"
         return [], JSONResponse({"detail": f"no such {level} in the node's spool: {'/'.join(uids)}"}, status_code=404)
