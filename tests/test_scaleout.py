@@ -274,6 +274,18 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     assert node.index.job(held.id).state == JobState.DONE and node.index.job(held.id).worker_id == ids["shared"]
     assert ids["shared"] not in {w.worker_id for w in node.index.live_workers(STALE_AFTER)}
 
+    # SIGQUIT (Celery's cold shutdown) interrupts the job: it is given back, not failed.
+    cold = WorkerProcess(config_path(node), tmp, "cold", "--input", "shared_spool", "--output", "shared_outbox")
+    wait_for(lambda: cold.worker_id() in {w.worker_id for w in node.index.live_workers(STALE_AFTER)}, 120, 0.5,
+             "the third worker")
+    studies.append(_send(factory, tmp / "in", port))
+    interrupted = wait_for(lambda: next((j for j in _jobs(node) if j.state == JobState.RUNNING), None), 30, 0.01,
+                           "a job on the third worker")
+    cold.proc.send_signal(signal.SIGQUIT)
+    cold.proc.wait(60)
+    row = node.index.job(interrupted.id)
+    assert row.state in (JobState.QUEUED, JobState.DONE), (row.state, row.error)  # DONE: the signal came after it
+
     report("scaleout", {
         "studies": checked, "sr_seg_pairs_in_orthanc": checked, "arrivals_at_storescp": len(arrivals),
         "same_uid_resends": resent, "duplicates": len(duplicated),

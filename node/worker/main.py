@@ -13,10 +13,11 @@ stale sweep takes it back.
 
 from __future__ import annotations
 
+import signal
 import socket
 
 from celery import Celery, Task
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready
 
 from node.config import NodeConfig
 from node.queue.celery_app import TASK_NAME, make_celery_app
@@ -52,6 +53,23 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
     return run_job
 
 
+def mark_cold_shutdown(runtime: WorkerRuntime) -> None:
+    """Wrap Celery's SIGQUIT (cold shutdown) handler so the runtime knows
+    before Celery interrupts the running job: Celery cancels it before it
+    sends ``worker_shutting_down``, so that signal comes too late."""
+    celery_handler = signal.getsignal(signal.SIGQUIT)
+
+    def handler(signum, frame) -> None:
+        runtime.queue.cold_shutdown = True
+        if callable(celery_handler):
+            celery_handler(signum, frame)
+
+    try:
+        signal.signal(signal.SIGQUIT, handler)
+    except ValueError:  # not the main thread: leave Celery's handler alone
+        runtime.log.warning("cold_shutdown_unwatched")
+
+
 def serve_metrics(runtime: WorkerRuntime) -> None:
     """This worker's ``/metrics`` (prometheus_client's server, its own registry)."""
     from prometheus_client import start_http_server
@@ -73,10 +91,7 @@ def run_worker(config: NodeConfig, pipelines: list[str], queues: list[str], *, l
     app = make_celery_app(config)
     register_task(app, runtime)
 
-    def on_shutdown(how: str = "", **_) -> None:  # celery.signals.worker_shutting_down: "Warm" or "Cold"
-        runtime.queue.cold_shutdown = how == "Cold"
-
-    worker_shutting_down.connect(on_shutdown, weak=False)
+    worker_ready.connect(lambda **_: mark_cold_shutdown(runtime), weak=False)
     argv = [
         "worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(runtime.queues)}",
         f"--hostname=ainode-{runtime.worker_id.replace(':', '-')}@%h", "--without-gossip", "--without-mingle",
