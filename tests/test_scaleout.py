@@ -285,6 +285,7 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     cold.proc.wait(60)
     row = node.index.job(interrupted.id)
     assert row.state in (JobState.QUEUED, JobState.DONE), (row.state, row.error)  # DONE: the signal came after it
+    cold_outcome = str(row.state)
 
     report("scaleout", {
         "studies": checked, "sr_seg_pairs_in_orthanc": checked, "arrivals_at_storescp": len(arrivals),
@@ -296,6 +297,6 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
         "backlog_in_redis_when_stopped": len(backlog), "republished_after_visibility_timeout": republished,
         "visibility_timeout_seconds": VISIBILITY,
         "dropped_messages_logged": log.count("message_dropped"), "wall_seconds": round(total, 1),
-        "sigterm_job_finished_by_stopping_worker": True,
+        "sigterm_job_finished_by_stopping_worker": True, "sigquit_job_left": cold_outcome,
     })
     print(json.dumps({"sigkill_recovery_seconds": round(recovery, 2), "resent": resent}))

@@ -60,7 +60,9 @@ class WorkerQueue(JobQueue):
 
     def fail(self, job_id, reason, traceback, timings, state, worker_id) -> None:
         if self.cold_shutdown and worker_id is not None:
-            self.index.release_job(job_id, worker_id, "the worker stopped (cold shutdown) before the job ended")
+            released = self.index.release_job(job_id, worker_id, "the worker stopped (cold shutdown) before the job ended")
+            structlog.get_logger("node.worker").warning("job_released", job_id=job_id, reason="cold shutdown",
+                                                        interrupted_by=reason, released=released)
             return
         super().fail(job_id, reason, traceback, timings, state, worker_id)
 
