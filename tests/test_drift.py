@@ -16,9 +16,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from models.card import ModelCard
 from models.drift_reference import (
@@ -40,6 +37,7 @@ from node.metrics import Metrics
 from pipelines.base import PipelineContext, Study
 from pipelines.pneumonia.preprocess import dicom_to_image
 from tests.peers import SHARED_DATA
+from tests.test_validate import _dx as wrap_as_dx
 
 CXR14 = SHARED_DATA / "cxr14"
 needs_cxr14 = pytest.mark.skipif(not (CXR14 / "labels.csv").is_file(),
@@ -150,23 +148,12 @@ def _dx(row: dict, *, bits: int = 8, photometric: str = "MONOCHROME2", spacing: 
     MONOCHROME2 as the training data; else stored with ``bits`` bits
     (values scaled to the full range) and ``photometric`` (MONOCHROME1:
     inverted, so it shows the same image), at ``spacing`` mm."""
-    pixels = np.asarray(Image.open(CXR14 / "images" / row["Image Index"]).convert("L"), dtype=np.uint8)
+    ds = wrap_as_dx(row, CXR14 / "images" / row["Image Index"])
+    pixels = ds.pixel_array
     values = pixels.astype(np.uint16) * 257 if bits == 16 else pixels
     if photometric == "MONOCHROME1":
         values = values.max() - values
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName = row["Patient ID"], f"CXR14^{row['Patient ID']}"
-    ds.PatientSex, ds.PatientAge = row["Patient Gender"], f"{int(row['Patient Age']):03d}Y"
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", row["View Position"]
-    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["DERIVED", "SECONDARY"]
-    ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20170101", 1, 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     ds.ImagerPixelSpacing = [spacing or float(row["OriginalImagePixelSpacing[x"])] * 2
     ds.PixelData = values.tobytes()
