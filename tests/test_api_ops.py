@@ -179,7 +179,7 @@ def test_timeline_of_a_processed_chest_radiograph(ops):
     assert "job" in routed["data"]["reason"]
     assert changes("job_state") == [(None, "queued"), ("queued", "running"), ("running", "done")]
     [stages] = [e for e in events if e["event"] == "job_stages"]
-    assert {"read_spool", "inference", "write_outbox", "total"} <= set(stages["data"]["stages"])
+    assert {"read_input", "inference", "write_outbox", "total"} <= set(stages["data"]["stages"])
     assert all(isinstance(v, float) and v >= 0 for v in stages["data"]["stages"].values())
     attempts = [e["data"] for e in events if e["event"] == "delivery_attempt"]
     assert len(attempts) == 2 and all(a["ok"] and a["status"] == "0x0000" and a["destination"] == "pacs" for a in attempts)
