@@ -21,6 +21,19 @@ if TYPE_CHECKING:
 CXR_RSNA = SHARED_DATA / "cxr" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
 
+@pytest.fixture(autouse=True)
+def _structlog_per_test(monkeypatch):
+    """Commands run in-process (CliRunner) configure logging for the whole
+    process: keep loggers uncached there, so ``structlog.testing.capture_logs``
+    sees every logger in later tests, and restore the defaults after."""
+    import structlog
+
+    configure = structlog.configure
+    monkeypatch.setattr(structlog, "configure", lambda *a, **kw: configure(*a, **{**kw, "cache_logger_on_first_use": False}))
+    yield
+    structlog.reset_defaults()
+
+
 def shared_file(path: Path) -> Path:
     """``path`` under ../shared/data, or skip the test naming that folder."""
     if not path.exists():
