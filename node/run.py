@@ -116,6 +116,11 @@ class TransientJobError(Exception):
     is to be tried again, never failed for it."""
 
 
+class IndexUnavailable(TransientJobError):
+    """The index could not be reached to claim the job: nothing is held, so
+    the message is retried until the index is back (at most every 60 s)."""
+
+
 class StudySource(Protocol):
     """Where a job's input comes from: the spool here, or the node over
     WADO-RS (:mod:`node.worker.io`)."""

@@ -121,6 +121,10 @@ def test_an_unserved_backlog_blocks_no_other_queue(pg_index):
     chest = _job(pg_index)
     assert [j.id for j in pg_index.jobs_to_publish(60, routes=["chest"], limit=2)] == [chest]
     assert [j.id for j in pg_index.jobs_to_publish(60, limit=2)] == brain[:2]
+    orphan = pg_index.create_job(pipeline="pneumonia", route="renamed-since", level="series", study_uid="1.3",
+                                 series_uid="1.3.1", destinations=["pacs"])
+    published = pg_index.jobs_to_publish(60, routes=["chest"], known_routes=["chest", "brain"])
+    assert [j.id for j in published] == [chest, orphan]  # a removed route's job is not stranded
 
 
 def _celery_sections(tmp_path, index_url: str, **worker) -> dict:

@@ -108,20 +108,24 @@ class QueueQueries(JobQueries, IndexCore):
 
     def jobs_to_publish(
         self, visibility_timeout: float, routes: Iterable[str] | None = None, limit: int = 500,
+        *, known_routes: Iterable[str] | None = None,
     ) -> list[JobView]:
         """Queued jobs never published, or published longer ago than
         ``visibility_timeout`` seconds and still unclaimed (the broker lost
         the message): oldest first, of ``routes`` only when given (those
         whose queue a worker serves, so an unserved backlog blocks no other
-        queue). A queue merely backed up is not flooded: within the timeout
-        a published job is not published again."""
+        queue), and of routes not in ``known_routes`` (removed from the
+        configuration since: the caller decides their queue). A queue merely
+        backed up is not flooded: within the timeout a published job is not
+        published again."""
         cutoff = utcnow() - dt.timedelta(seconds=visibility_timeout)
         with self._session() as s:
             q = select(Job).where(
                 Job.state == JobState.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
             )
             if routes is not None:
-                q = q.where(Job.route.in_(list(routes)))
+                chosen = Job.route.in_(list(routes))
+                q = q.where(or_(chosen, Job.route.not_in(list(known_routes))) if known_routes is not None else chosen)
             return [_job_view(j) for j in s.scalars(q.order_by(Job.id).limit(limit))]
 
     def mark_published(self, job_id: int, queue: str, at: dt.datetime | None = None) -> None:

@@ -116,8 +116,11 @@ class CeleryQueue(JobQueue):
         sent = 0
         unserved = self.needed_queues() - served
         routes = [r.name for r in self.config.routes if queue_name(r.pipeline, r.worker) in served]
-        for job in self.index.jobs_to_publish(self.worker.celery.visibility_timeout_seconds, routes):
-            queue = self.queue_for(job)
+        known = [r.name for r in self.config.routes]
+        for job in self.index.jobs_to_publish(self.worker.celery.visibility_timeout_seconds, routes, known_routes=known):
+            queue = self.queue_for(job)  # a removed route's job: its pipeline's cpu queue
+            if queue not in served:
+                continue
             at = utcnow()  # before the send: a worker may claim before it returns
             if not self._send(job, queue):
                 break  # the broker is down: the rest wait for the next pass

@@ -21,8 +21,13 @@ from celery.signals import worker_ready
 
 from node.config import NodeConfig
 from node.queue.celery_app import TASK_NAME, make_celery_app
-from node.run import TransientJobError
+from node.run import IndexUnavailable, TransientJobError
 from node.worker.runtime import WorkerRuntime
+
+#: Retries of a claim while the index is down: about a day at 60 s. Past
+#: that the message is dropped and the node publishes the job again after
+#: the visibility timeout.
+CLAIM_RETRIES = 1440
 
 
 def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
@@ -31,7 +36,9 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
     A transient failure (index or node unreachable) gives the job back and
     retries the message after ``retry_backoff_seconds``, doubling, at most
     ``max_retries`` times; then the job stays queued for the node to publish
-    again (at once, to any worker): being unreachable never fails a job.
+    again (at once, to any worker): being unreachable never fails a job. A
+    claim that failed (the index down, nothing held) is retried while the
+    index is down, at most every 60 s, for about a day (:data:`CLAIM_RETRIES`).
     """
     section = runtime.config.worker.celery
 
@@ -40,6 +47,10 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> Task:
     def run_job(task: Task, job_id: int) -> None:
         try:
             runtime.handle(int(job_id))
+        except IndexUnavailable as exc:  # nothing claimed: without the index nobody can run it, so wait for it
+            retries = task.request.retries or 0
+            countdown = min(60.0, section.retry_backoff_seconds * 2**retries)
+            raise task.retry(exc=exc, countdown=countdown, max_retries=CLAIM_RETRIES) from exc
         except TransientJobError as exc:
             retries = task.request.retries or 0
             if retries >= section.max_retries:

@@ -36,7 +36,7 @@ from node.index import Index, JobState, WorkerInfo
 from node.metrics import Metrics
 from node.notify import Notifier
 from node.queue.base import JobQueue
-from node.run import OutboxSink, ResultSink, Runner, SpoolSource, StudySource, TransientJobError, default_worker_id
+from node.run import IndexUnavailable, OutboxSink, ResultSink, Runner, SpoolSource, StudySource, default_worker_id
 from node.spool import Spool
 
 #: Exit status of a worker that stopped a job over its time limit (EX_SOFTWARE).
@@ -187,6 +187,8 @@ class WorkerRuntime:
 
         Raises
         ------
+        IndexUnavailable
+            The index could not be reached to claim it: nothing is held.
         TransientJobError
             The index or the node could not be reached; after a claim the
             job is still this worker's, for :meth:`release`.
@@ -195,7 +197,7 @@ class WorkerRuntime:
         try:
             job = self.queue.claim(self.worker_id, job_id)
         except SQLAlchemyError as exc:
-            raise TransientJobError(f"the index cannot be reached to claim job {job_id}: {exc}") from exc
+            raise IndexUnavailable(f"the index cannot be reached to claim job {job_id}: {exc}") from exc
         if job is None:
             row = self.index.job(job_id)
             self.log.info("message_dropped", job_id=job_id, state=row.state if row else "unknown",
