@@ -95,14 +95,21 @@ class PipelineCache:
             return self._instances[name]
 
 
-def load_study(index: Index, job: JobView) -> Study:
-    """Read a job's input series from the spool, pixel data included: its
-    one series, or for a study-level job the series of each role."""
-    series_uids = [job.series_uid] if job.series_uid else list(dict.fromkeys(job.roles.values()))
-    if not series_uids:
+def input_series(job: JobView) -> list[str]:
+    """A job's input Series Instance UIDs: its one series, or for a
+    study-level job the series of each role (once each). Raises
+    :class:`~pipelines.base.PipelineInputError` when it names none."""
+    uids = [job.series_uid] if job.series_uid else list(dict.fromkeys(job.roles.values()))
+    if not uids:
         raise PipelineInputError("the job names no input series")
+    return uids
+
+
+def load_study(index: Index, job: JobView) -> Study:
+    """Read a job's input series from the spool, pixel data included
+    (:func:`input_series`)."""
     series = {}
-    for uid in series_uids:
+    for uid in input_series(job):
         paths = index.instance_paths(uid)
         if not paths:
             raise PipelineInputError(f"series {uid} has no instances in the spool")
@@ -429,10 +436,6 @@ class Runner:
         if any(d.action == GuardAction.REFUSE for d in decisions):
             raise OutOfScope(describe(decisions, GuardAction.REFUSE))
         return decisions
-
-    def store_results(self, results, destinations: tuple[str, ...]) -> list[tuple]:
-        """:meth:`OutboxSink.store` on this node's outbox (the job-results endpoint)."""
-        return OutboxSink(self.config, self.spool, self.queue).store(results, destinations)
 
     def _count(self, job: JobView, state: JobState, timings: dict[str, float]) -> None:
         self.metrics.jobs.labels(pipeline=job.pipeline, state=state).inc()

@@ -29,7 +29,7 @@ from pydicom import Dataset
 
 from node.config import NodeConfig
 from node.index import ClaimLost, JobView
-from node.run import TransientJobError
+from node.run import TransientJobError, input_series
 from pipelines.base import PipelineInputError, Study
 
 #: Request timeout (connect, read) in seconds.
@@ -67,11 +67,8 @@ class DicomwebSource:
         self.client = _client(config, wado="dicom-web")
 
     def load(self, job: JobView) -> Study:
-        series_uids = [job.series_uid] if job.series_uid else list(dict.fromkeys(job.roles.values()))
-        if not series_uids:
-            raise PipelineInputError("the job names no input series")
         series: dict[str, list[Dataset]] = {}
-        for uid in series_uids:
+        for uid in input_series(job):
             try:
                 series[uid] = self.client.retrieve_series(
                     job.study_uid, uid, media_types=(("application/dicom", "*"),)

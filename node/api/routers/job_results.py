@@ -43,6 +43,8 @@ from node.api.models import CONFLICT, ERRORS, NOT_FOUND, Error
 from node.api.routers.stow import DICOM, DICOM_JSON, _Parts
 from node.config import ApiToken
 from node.index import ClaimLost, JobState
+from node.index.views import _job_view
+from node.run import OutboxSink
 
 router = APIRouter(prefix="/api", tags=["workers"], responses=ERRORS | NOT_FOUND | CONFLICT | {
     400: {"model": Error, "description": "Not a STOW-RS body of DICOM parts, or bad X-Ainode-* headers"},
@@ -71,8 +73,9 @@ async def store_job_results(job_id: int, request: Request, node: NodeDep, caller
     datasets = await _read(request, node)
     if isinstance(datasets, Response):
         return datasets
+    sink = OutboxSink(node.config, node.spool, node.queue)  # as for a job the node ran itself
     try:
-        stored = await run_in_threadpool(_record, node, job_id, datasets, timings, note, worker_id)
+        stored = await run_in_threadpool(sink.deliver, _job_view(job), datasets, timings, note, worker_id)
     except ClaimLost as exc:
         return _answer(409, str(exc))
     except OSError as exc:
@@ -84,16 +87,6 @@ async def store_job_results(job_id: int, request: Request, node: NodeDep, caller
     ds = Dataset()
     ds.ReferencedSOPSequence = [_item(d) for d in datasets]
     return JSONResponse(ds.to_json_dict(), media_type=DICOM_JSON)
-
-
-def _record(node, job_id: int, datasets: list[Dataset], timings: dict, note: str | None, worker_id: str) -> int:
-    if not node.index.heartbeat_job(job_id, worker_id):  # lost meanwhile: leave the outbox to the holder
-        raise ClaimLost(f"job {job_id} is no longer {worker_id}'s")
-    job = node.index.job(job_id)
-    destinations = tuple(filter(None, job.destinations.split(",")))
-    stored = node.runner.store_results(datasets, destinations)
-    node.index.finish_job(job_id, stored, json.dumps(timings), note, worker_id=worker_id)
-    return len(stored)
 
 
 async def _read(request: Request, node) -> list[Dataset] | Response:
