@@ -163,6 +163,19 @@ def config_path(node: Node) -> Path:
     return Path(node.config.source_file[0])
 
 
+def _job_running_on(node: Node, worker_id: str, send, studies: list[str], burst: int = 1, tries: int = 6) -> Job:
+    """Send ``burst`` studies at a time (``send()``) until a job is seen
+    running on ``worker_id``: another worker may take them, or a job end unseen."""
+    for _ in range(tries):
+        studies.extend(send() for _ in range(burst))
+        try:
+            return wait_for(lambda: next((j for j in _jobs(node) if j.state == JobState.RUNNING and j.worker_id == worker_id),
+                                         None), 10, 0.01, f"a job running on {worker_id}")
+        except TimeoutError:
+            continue
+    raise AssertionError(f"no job seen running on {worker_id} in {tries} studies")
+
+
 def _jobs(node: Node) -> list[Job]:
     with node.index._session() as s:
         return list(s.scalars(select(Job).order_by(Job.id)))
@@ -175,6 +188,9 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     ids = {name: w.worker_id() for name, w in workers.items()}
     started = time.monotonic()
     studies = [_send(factory, tmp / "in", port) for _ in range(8)]
+
+    def send() -> str:
+        return _send(factory, tmp / "in", port)
 
     def done() -> list[Job]:
         return [j for j in _jobs(node) if j.state == JobState.DONE]
@@ -189,12 +205,7 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     # takes the victim's place and the kill is tried again.
     for _attempt in range(3):
         victim = workers["web"]
-        studies += [_send(factory, tmp / "in", port) for _ in range(3)]
-
-        def held_by_victim() -> Job | None:
-            return next((j for j in _jobs(node) if j.state == JobState.RUNNING and j.worker_id == ids["web"]), None)
-
-        job = wait_for(held_by_victim, 60, 0.01, "a job running on the worker to kill")
+        job = _job_running_on(node, ids["web"], send, studies, burst=3)  # a backlog: both workers busy
         victim.kill()
         killed_at = time.monotonic()
         wait_for(lambda job_id=job.id: node.index.job(job_id).state == JobState.DONE, 60, 0.1, "the killed worker's job done")
@@ -266,9 +277,8 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
 
     # SIGTERM in the middle of a job: the worker finishes it, then exits.
     checked = len(studies)
-    studies.append(_send(factory, tmp / "in", port))
     stopping = workers["shared"]
-    held = wait_for(lambda: next((j for j in _jobs(node) if j.state == JobState.RUNNING), None), 30, 0.01, "a running job")
+    held = _job_running_on(node, ids["shared"], send, studies)
     stopping.proc.send_signal(signal.SIGTERM)
     assert stopping.proc.wait(60) == 0
     assert node.index.job(held.id).state == JobState.DONE and node.index.job(held.id).worker_id == ids["shared"]
@@ -278,9 +288,7 @@ def test_two_workers_survive_a_sigkill_and_a_broker_outage(cluster):
     cold = WorkerProcess(config_path(node), tmp, "cold", "--input", "shared_spool", "--output", "shared_outbox")
     wait_for(lambda: cold.worker_id() in {w.worker_id for w in node.index.live_workers(STALE_AFTER)}, 120, 0.5,
              "the third worker")
-    studies.append(_send(factory, tmp / "in", port))
-    interrupted = wait_for(lambda: next((j for j in _jobs(node) if j.state == JobState.RUNNING), None), 30, 0.01,
-                           "a job on the third worker")
+    interrupted = _job_running_on(node, cold.worker_id(), send, studies)
     cold.proc.send_signal(signal.SIGQUIT)
     cold.proc.wait(60)
     row = node.index.job(interrupted.id)
